@@ -1,0 +1,192 @@
+"""The SAE base class: encoder, sparsifier and dictionary, with one seam for training.
+
+An SAE here is
+    pre   = W_enc (x - b_dec) + b_enc          encoder      (W_enc: d_sae x d_in, one row per latent)
+    codes = sparsify(pre)                      sparsifier   (the variant's defining choice)
+    x_hat = codes @ W_dec + b_dec              dictionary   (W_dec: d_sae x d_in, one row per feature)
+
+Inference uses `encode` / `encode_sparse` / `decode` / `forward`. Training calls `training_forward`,
+which returns a `Step` holding what the variant's loss terms (`loss_terms`) read, and the two hooks
+`before_optimizer_step` / `after_optimizer_step` that keep the dictionary's constraints.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .codes import SparseCodes, dense_to_sparse, sparse_decode
+from .config import SAEConfig
+from .kernels import gather_linear
+from .losses import Loss, Step, fvu
+from .registry import get_architecture
+
+
+class SAE(nn.Module):
+    """Base class of every sparse autoencoder. Subclasses register with `@register(name)`."""
+
+    architecture: ClassVar[str] = ""
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    # keep decoder rows at unit norm, removing the gradient component parallel to each row
+    unit_norm_decoder: ClassVar[bool] = True
+    # the default learning rate scales as 1/sqrt(d_sae) (Gao et al. 2024): lr = base_lr / sqrt(d_sae / 2**14)
+    base_lr: ClassVar[float] = 2e-4
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        cfg.architecture = self.architecture
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction and files
+    @staticmethod
+    def create(architecture: str, *, d_in: int, d_sae: int, **kwargs: Any) -> "SAE":
+        """Build a freshly initialised SAE of a registered architecture."""
+        cls = get_architecture(architecture)
+        cfg = cls.config_class(architecture=architecture, d_in=d_in, d_sae=d_sae, **kwargs)
+        return cls(cfg)
+
+    @staticmethod
+    def load(path: str | Path, device: str | torch.device | None = None) -> "SAE":
+        """Load an SAE folder written by sae_guard, SAELens or sparsify (safetensors only)."""
+        from .io import load
+
+        return load(path, device=device)
+
+    def save(self, path: str | Path) -> Path:
+        """Write `cfg.json` and `sae.safetensors` into the folder `path`, atomically."""
+        from .io import save
+
+        return save(self, path)
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def default_lr(self) -> float:
+        return self.base_lr / math.sqrt(self.d_sae / 2**14)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random unit decoder rows; the encoder starts as the decoder's transpose (tied init)."""
+        w = torch.randn(self.d_sae, self.d_in)
+        w /= w.norm(dim=-1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Data-dependent initialisation before training: b_dec = geometric median of a sample."""
+        self.b_dec.copy_(geometric_median(x[:8192].to(self.b_dec)))
+
+    # ------------------------------------------------------------------ inference
+    def check_input(self, x: Tensor) -> Tensor:
+        """Cast to the SAE's dtype after checking width and finiteness, with errors that say why."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"{self.architecture} SAE expects activations of width d_in={self.d_in}, got shape {tuple(x.shape)}"
+            )
+        x = x.to(self.W_enc.dtype)
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).any(-1).nonzero()[:5].flatten().tolist()
+            raise ValueError(f"activations contain NaN or inf (first bad rows: {bad})")
+        return x
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations (..., d_sae)."""
+        return F.linear(x - self.b_dec, self.W_enc, self.b_enc)
+
+    def encode_sparse(self, x: Tensor) -> SparseCodes:
+        """Sparse (values, indices) codes. Variants with a fixed k override this directly."""
+        return dense_to_sparse(self.encode(x))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense codes (..., d_sae)."""
+        return self.encode_sparse(x).to_dense(self.d_sae)
+
+    def decode(self, codes: Tensor | SparseCodes) -> Tensor:
+        """Reconstruction (..., d_in) from dense or sparse codes."""
+        if isinstance(codes, SparseCodes):
+            return sparse_decode(codes, self.W_dec) + self.b_dec
+        return codes.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode_sparse(self.check_input(x)))
+
+    # ------------------------------------------------------------------ training seam
+    def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
+        """One differentiable pass over a (B, d_in) batch. Subclasses override for speed or extras."""
+        codes = self.encode_sparse(x)
+        return Step(self, x, self.decode(codes), codes, dead_mask=dead_mask)
+
+    def loss_terms(self) -> dict[str, tuple[float, Loss]]:
+        """The loss terms this variant trains with, as name -> (coefficient, loss function)."""
+        return {"fvu": (1.0, fvu)}
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            w = self.W_dec
+            w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: Step) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    # ------------------------------------------------------------------ shared pieces for variants
+    def selected(self, x_c: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
+        """Pre-activations at `indices` with a sparse backward (see `kernels.gather_linear`)."""
+        return gather_linear(x_c, self.W_enc, self.b_enc, indices, pre)
+
+    def add_auxk(self, step: Step, x_c: Tensor, k_aux: int, signed: bool = False) -> None:
+        """Put the AuxK reconstruction (top-k_aux dead latents decoded) into `step.extras`."""
+        dead = step.dead_mask
+        if dead is None or step.pre_acts is None or not bool(dead.any()):
+            return
+        dead_idx = dead.nonzero().squeeze(-1)
+        k = min(k_aux, dead_idx.numel())
+        scores = step.pre_acts.index_select(-1, dead_idx)
+        _, local = (scores.abs() if signed else scores).topk(k, dim=-1, sorted=False)
+        indices = dead_idx[local]
+        values = self.selected(x_c, step.pre_acts, indices)
+        if not signed:
+            values = F.relu(values)
+        step.extras["auxk_recon"] = sparse_decode(SparseCodes(values, indices), self.W_dec)
+        step.extras["auxk_scale"] = x_c.new_tensor(min(dead_idx.numel() / k_aux, 1.0))
+
+    def extra_repr(self) -> str:
+        return f"architecture={self.architecture!r}, d_in={self.d_in}, d_sae={self.d_sae}"
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows of x."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    median = x.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (x - median).norm(dim=-1).clamp_min(eps)
+        new = (weights[:, None] * x).sum(0) / weights.sum()
+        if (new - median).norm() < eps * (1 + median.norm()):
+            median = new
+            break
+        median = new
+    return median.float()

@@ -1,0 +1,41 @@
+"""Configuration dataclasses: one per architecture, JSON-serialisable, saved beside the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SAEConfig:
+    """Fields every SAE has. Variants subclass this and add their own hyperparameters.
+
+    Fields marked *training* only matter while training; they are saved so a run can be repeated.
+    """
+
+    architecture: str = ""
+    d_in: int = 0
+    d_sae: int = 0
+    # training: a latent that has not fired for this many tokens counts as dead (None: the trainer
+    # picks min(10M, a tenth of the run)).
+    dead_tokens: int | None = None
+    # free-form provenance: model, hookpoint, dataset, tokens trained...
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__} does not know the fields {unknown}; known: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,224 @@
+"""The training loop: one code path for one CPU, one GPU, or several processes under accelerate.
+
+    sae, figures = train(sae, activations, tokens=3_000_000, batch_size=4096)
+
+Adam (fused where available), linear LR warm-up and a linear decay over the last fifth, dead-latent
+tracking in tokens, each variant's own loss terms and dictionary constraints, optional bf16
+autocast, checkpoints every N tokens with exact resume, and a progress bar with loss, FVU, L0 and
+the dead fraction. Under torch.distributed (e.g. `accelerate launch`), every process takes its slice
+of each global batch and gradients and firing statistics are averaged across processes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..sae.base import SAE
+from . import checkpoint
+from .data import make_stream
+
+
+class TrainResult(NamedTuple):
+    sae: SAE
+    metrics: dict[str, Any]
+
+
+@dataclass
+class _Window:
+    """Exponential moving averages of the per-step figures shown on the progress bar."""
+
+    decay: float = 0.95
+    values: dict[str, float] = field(default_factory=dict)
+
+    def update(self, **figures: float) -> None:
+        for name, value in figures.items():
+            old = self.values.get(name)
+            self.values[name] = value if old is None else self.decay * old + (1 - self.decay) * value
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_start: float) -> float:
+    """Linear warm-up, constant, then linear decay to zero from `decay_start` of the run."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_from = int(decay_start * total_steps)
+    if decay_start < 1.0 and step >= decay_from:
+        return max(0.0, (total_steps - step) / max(1, total_steps - decay_from))
+    return 1.0
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(
+    sae: SAE,
+    data,
+    *,
+    tokens: int,
+    batch_size: int = 4096,
+    lr: float | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    warmup_tokens: int | None = None,
+    decay_start: float = 0.8,
+    max_grad_norm: float | None = None,
+    seed: int = 0,
+    autocast: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> TrainResult:
+    """Train `sae` in place on `data` for `tokens` activation vectors; return it with its figures.
+
+    data: an (N, d_in) tensor, an iterable of (n, d_in) chunks, or a `harvest(...)` of a model.
+    lr: None picks the variant's default (2e-4 / sqrt(d_sae / 2**14) unless the variant says otherwise).
+    checkpoint_dir: where checkpoints go; a run started with the same directory resumes from it and
+        finishes with the same weights as an uninterrupted run.
+    """
+    if tokens <= 0 or batch_size <= 0:
+        raise ValueError(f"tokens and batch_size must be positive, got tokens={tokens}, batch_size={batch_size}")
+    rank, world = _world()
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
+    device = torch.device(device) if device is not None else sae.W_enc.device
+    sae.to(device).train()
+    total_steps = math.ceil(tokens / batch_size)
+    warmup_steps = max(1, min(total_steps // 20, 1000)) if warmup_tokens is None else max(1, warmup_tokens // batch_size)
+    dead_tokens = sae.cfg.dead_tokens or min(10_000_000, max(tokens // 10, batch_size))
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    checkpoint_steps = max(1, checkpoint_every // batch_size) if checkpoint_every else None
+
+    stream = make_stream(data, batch_size, seed)
+    base_lr = lr if lr is not None else sae.default_lr()
+    params = [p for p in sae.parameters() if p.requires_grad]
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    optimizer = torch.optim.Adam(params, lr=base_lr, betas=betas, **fused)
+    since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+    start_step, window = 0, _Window()
+    run_key = {"architecture": sae.architecture, "tokens": tokens, "batch_size": batch_size, "seed": seed,
+               "world": world}
+
+    if checkpoint.exists(checkpoint_dir):
+        tensors, state = checkpoint.read(checkpoint_dir, sae, optimizer)
+        if state["run"] != run_key:
+            raise ValueError(f"checkpoint in {checkpoint_dir} is from another run ({state['run']} != {run_key})")
+        start_step, since_fired = state["step"], tensors["since_fired"].to(device)
+        window.values = state["window"]
+        torch.set_rng_state(tensors["rng"])
+    else:
+        first = next(stream.iterate(0)).to(device, torch.float32)
+        _check_batch(first, sae, 0)
+        sae.init_from_data(first)
+        _broadcast(sae, world)
+
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    bar = tqdm(total=total_steps, initial=start_step, disable=not progress or rank != 0, unit="step",
+               desc=f"train {sae.architecture}")
+    t0, step = time.perf_counter(), start_step
+    batches = stream.iterate(start_step)
+    try:
+        for step in range(start_step, total_steps):
+            x = next(batches).to(device, torch.float32, non_blocking=True)
+            _check_batch(x, sae, step)
+            x = x[rank::world]
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * lr_factor(step, total_steps, warmup_steps, decay_start)
+
+            dead = since_fired >= dead_tokens
+            with amp:
+                out = sae.training_forward(x, dead)
+                terms = {name: coef * fn(out) for name, (coef, fn) in sae.loss_terms().items() if coef}
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _all_reduce_grads(params, world)
+            sae.before_optimizer_step()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            sae.after_optimizer_step(out)
+
+            with torch.no_grad():
+                fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
+                fired[out.codes.indices[out.codes.values != 0]] = True
+                if world > 1:
+                    fired_i = fired.int()
+                    dist.all_reduce(fired_i, op=dist.ReduceOp.MAX)
+                    fired = fired_i.bool()
+                since_fired += batch_size
+                since_fired[fired] = 0
+                window.update(
+                    loss=loss.item(),
+                    fvu=terms["fvu"].item() if "fvu" in terms else float("nan"),
+                    l0=(out.codes.values != 0).sum(-1).float().mean().item(),
+                    dead=(since_fired >= dead_tokens).float().mean().item(),
+                )
+            bar.update(1)
+            if step % 10 == 0 or step == total_steps - 1:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in window.values.items()}, refresh=False)
+            if checkpoint_steps and (step + 1) % checkpoint_steps == 0 and step + 1 < total_steps:
+                _save(checkpoint_dir, sae, optimizer, since_fired, step + 1, window, run_key, rank)
+    except KeyboardInterrupt:
+        if checkpoint_dir is not None:
+            # the interrupted step may be half-applied; the last periodic checkpoint stays the resume point
+            bar.write(f"interrupted at step {step}; rerun with checkpoint_dir={checkpoint_dir} to resume")
+        raise
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    sae.eval()
+    figures = {
+        **window.values,
+        "steps": total_steps,
+        "tokens": total_steps * batch_size,
+        "lr": base_lr,
+        "dead_fraction": (since_fired >= dead_tokens).float().mean().item(),
+        "tokens_per_second": (total_steps - start_step) * batch_size / max(elapsed, 1e-9),
+    }
+    figures.pop("dead", None)
+    sae.cfg.metadata.setdefault("training", {}).update(
+        {"tokens": total_steps * batch_size, "batch_size": batch_size, "lr": base_lr, "seed": seed}
+    )
+    return TrainResult(sae, figures)
+
+
+def _check_batch(x: torch.Tensor, sae: SAE, step: int) -> None:
+    if x.ndim != 2 or x.shape[-1] != sae.d_in:
+        raise ValueError(f"batch {step} has shape {tuple(x.shape)}; the SAE expects (batch, {sae.d_in})")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"batch {step} contains NaN or inf activations; clean the data before training")
+
+
+def _save(directory, sae, optimizer, since_fired, step, window, run_key, rank) -> None:
+    if rank == 0:
+        checkpoint.write(directory, sae, optimizer, {"since_fired": since_fired, "rng": torch.get_rng_state()},
+                         {"step": step, "window": window.values, "run": run_key})
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(sae: SAE, world: int) -> None:
+    if world > 1:
+        for tensor in list(sae.parameters()) + list(sae.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def _all_reduce_grads(params, world: int) -> None:
+    if world > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= world
