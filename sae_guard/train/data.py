@@ -114,6 +114,12 @@ def make_stream(data, batch_size: int, seed: int):
     """A resumable stream for a tensor, or for an iterable of activation chunks (e.g. a harvest)."""
     if isinstance(data, Tensor):
         return TensorStream(data, batch_size, seed)
+    if hasattr(data, "iterate") and hasattr(data, "batch_size"):  # already a resumable stream
+        if data.batch_size != batch_size:
+            if not hasattr(data, "with_batch_size"):
+                raise ValueError(f"stream yields batches of {data.batch_size}, but batch_size={batch_size}")
+            data = data.with_batch_size(batch_size)
+        return data
     if hasattr(data, "__iter__"):
         return BufferedStream(data, batch_size, seed, getattr(data, "buffer_size", None))
     raise TypeError(f"cannot train on {type(data).__name__}: pass an (N, d_in) tensor or an iterable of batches")

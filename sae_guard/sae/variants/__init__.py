@@ -1,3 +1,7 @@
-"""Every SAE architecture. Importing this package registers them all."""
+"""Every SAE architecture, one module each. Importing this package registers them all."""
 
-from . import topk  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
