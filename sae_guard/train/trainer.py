@@ -96,6 +96,8 @@ def train(
     total_steps = math.ceil(tokens / batch_size)
     warmup_steps = max(1, min(total_steps // 20, 1000)) if warmup_tokens is None else max(1, warmup_tokens // batch_size)
     dead_tokens = sae.cfg.dead_tokens or min(10_000_000, max(tokens // 10, batch_size))
+    if checkpoint_every and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs a checkpoint_dir to write to")
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     checkpoint_steps = max(1, checkpoint_every // batch_size) if checkpoint_every else None
 
