@@ -4,24 +4,25 @@ import torch
 
 from sae_guard import SAE, SparseCodes, discrete_codes
 from sae_guard.sae.codes import dense_to_sparse, sparse_decode
-from sae_guard.sae.kernels import gather_linear
+from sae_guard.sae.kernels import encoder_preacts, gather_linear
 
 
 def test_gather_linear_matches_dense_autograd():
     torch.manual_seed(0)
     x = torch.randn(10, 8, requires_grad=True)
+    c = torch.randn(8, requires_grad=True)
     w = torch.randn(32, 8, requires_grad=True)
     b = torch.randn(32, requires_grad=True)
-    with torch.no_grad():
-        pre = torch.nn.functional.linear(x, w, b)
+    pre = encoder_preacts(x - c, w, b)
+    torch.testing.assert_close(pre, torch.nn.functional.linear(x - c, w, b), atol=1e-5, rtol=1e-5)
     idx = pre.topk(5, dim=-1).indices
     upstream = torch.randn(10, 5)
-    (gather_linear(x, w, b, idx, pre) * upstream).sum().backward()
-    sparse_grads = [t.grad.clone() for t in (x, w, b)]
-    for t in (x, w, b):
+    (gather_linear(x, c, w, b, idx, pre) * upstream).sum().backward()
+    sparse_grads = [t.grad.clone() for t in (x, c, w, b)]
+    for t in (x, c, w, b):
         t.grad = None
-    (torch.nn.functional.linear(x, w, b).gather(-1, idx) * upstream).sum().backward()
-    for got, t in zip(sparse_grads, (x, w, b)):
+    (torch.nn.functional.linear(x - c, w, b).gather(-1, idx) * upstream).sum().backward()
+    for got, t in zip(sparse_grads, (x, c, w, b)):
         torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
 
 

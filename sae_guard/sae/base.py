@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .codes import SparseCodes, dense_to_sparse, sparse_decode
 from .config import SAEConfig
-from .kernels import gather_linear
+from .kernels import encoder_preacts, gather_linear
 from .losses import Loss, Step, fvu
 from .registry import get_architecture
 
@@ -153,11 +153,15 @@ class SAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
     # ------------------------------------------------------------------ shared pieces for variants
-    def selected(self, x_c: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
-        """Pre-activations at `indices` with a sparse backward (see `kernels.gather_linear`)."""
-        return gather_linear(x_c, self.W_enc, self.b_enc, indices, pre)
+    def training_preacts(self, x: Tensor) -> Tensor:
+        """Pre-activations of a (B, d_in) training batch, without gradient (pair with `selected`)."""
+        return encoder_preacts(x.detach() - self.b_dec.detach(), self.W_enc.detach(), self.b_enc.detach())
 
-    def add_auxk(self, step: Step, x_c: Tensor, k_aux: int, signed: bool = False) -> None:
+    def gather_preacts(self, x: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
+        """Pre-activations at `indices` with a sparse backward (see `kernels.gather_linear`)."""
+        return gather_linear(x, self.b_dec, self.W_enc, self.b_enc, indices, pre)
+
+    def add_auxk(self, step: Step, k_aux: int, signed: bool = False) -> None:
         """Put the AuxK reconstruction (top-k_aux dead latents decoded) into `step.extras`."""
         dead = step.dead_mask
         if dead is None or step.pre_acts is None or not bool(dead.any()):
@@ -167,11 +171,11 @@ class SAE(nn.Module):
         scores = step.pre_acts.index_select(-1, dead_idx)
         _, local = (scores.abs() if signed else scores).topk(k, dim=-1, sorted=False)
         indices = dead_idx[local]
-        values = self.selected(x_c, step.pre_acts, indices)
+        values = self.gather_preacts(step.x, step.pre_acts, indices)
         if not signed:
             values = F.relu(values)
         step.extras["auxk_recon"] = sparse_decode(SparseCodes(values, indices), self.W_dec)
-        step.extras["auxk_scale"] = x_c.new_tensor(min(dead_idx.numel() / k_aux, 1.0))
+        step.extras["auxk_scale"] = step.x.new_tensor(min(dead_idx.numel() / k_aux, 1.0))
 
     def extra_repr(self) -> str:
         return f"architecture={self.architecture!r}, d_in={self.d_in}, d_sae={self.d_sae}"

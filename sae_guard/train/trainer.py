@@ -127,10 +127,11 @@ def train(
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress or rank != 0, unit="step",
                desc=f"train {sae.architecture}")
-    t0, step = time.perf_counter(), start_step
+    t0, step, step_seconds = time.perf_counter(), start_step, []
     batches = stream.iterate(start_step)
     try:
         for step in range(start_step, total_steps):
+            step_start = time.perf_counter()
             x = next(batches).to(device, torch.float32, non_blocking=True)
             _check_batch(x, sae, step)
             x = x[rank::world]
@@ -168,6 +169,7 @@ def train(
                     l0=(out.codes.values != 0).sum(-1).float().mean().item(),
                     dead=(since_fired >= dead_tokens).float().mean().item(),
                 )
+            step_seconds.append(time.perf_counter() - step_start)
             bar.update(1)
             if step % 10 == 0 or step == total_steps - 1:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in window.values.items()}, refresh=False)
@@ -189,6 +191,7 @@ def train(
         "lr": base_lr,
         "dead_fraction": (since_fired >= dead_tokens).float().mean().item(),
         "tokens_per_second": (total_steps - start_step) * batch_size / max(elapsed, 1e-9),
+        "step_seconds_median": float(torch.tensor(step_seconds).median()) if step_seconds else float("nan"),
     }
     figures.pop("dead", None)
     sae.cfg.metadata.setdefault("training", {}).update(

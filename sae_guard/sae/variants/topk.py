@@ -56,16 +56,14 @@ class TopKSAE(SAE):
         return SparseCodes(self.activate(pre.gather(-1, indices)), indices)
 
     def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
-        x_c = x - self.b_dec
-        with torch.no_grad():
-            pre = F.linear(x_c, self.W_enc, self.b_enc)
+        pre = self.training_preacts(x)
         indices = self.select(pre, self.cfg.k)
-        codes = SparseCodes(self.activate(self.selected(x_c, pre, indices)), indices)
+        codes = SparseCodes(self.activate(self.gather_preacts(x, pre, indices)), indices)
         step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec, codes, pre, dead_mask)
-        self.add_auxk(step, x_c, self.k_aux)
+        self.add_auxk(step, self.k_aux)
         if self.cfg.multi_topk:
             wide = self.select(pre, 4 * self.cfg.k)
-            wide_codes = SparseCodes(self.activate(self.selected(x_c, pre, wide)), wide)
+            wide_codes = SparseCodes(self.activate(self.gather_preacts(x, pre, wide)), wide)
             step.extras["multi_topk_recon"] = sparse_decode(wide_codes, self.W_dec) + self.b_dec
         return step
 

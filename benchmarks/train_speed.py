@@ -1,0 +1,100 @@
+"""TopK training speed: sae_guard against its floor and against sparsify and SAELens, in one run.
+
+    python benchmarks/train_speed.py                      # 384 -> 12288, k=32, batch 4096
+    python benchmarks/train_speed.py --no-peers --steps 5
+
+Figures, all medians over the timed steps:
+- sae_guard step: one real step of `sae_guard.train` (data batch, forward, AuxK when latents are dead,
+  backward, decoder constraint, fused Adam), read from the trainer's own per-step timings;
+- floor: one dense encoder matmul plus the top-k of that shape, the least any TopK step must do;
+- peers: the same step in sparsify and SAELens (benchmarks/peers/peer_speed.py), run in their own
+  venv (created by benchmarks/peers/setup_peers.sh) on the same shapes and threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import sae_guard
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "benchmarks" / "peers"
+
+
+def floor_seconds(d_in: int, d_sae: int, k: int, batch: int, repeats: int) -> float:
+    x, w, b = torch.randn(batch, d_in), torch.randn(d_sae, d_in) / d_in**0.5, torch.zeros(d_sae)
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        F.linear(x, w, b).topk(k, dim=-1, sorted=False)
+        if i:
+            times.append(time.perf_counter() - start)
+    return float(torch.tensor(times).median())
+
+
+def ours(d_in: int, d_sae: int, k: int, batch: int, steps: int, dtype_autocast: bool) -> dict:
+    torch.manual_seed(0)
+    data = torch.randn(batch * 4, d_in, generator=torch.Generator().manual_seed(0))
+    sae = sae_guard.SAE.create("topk", d_in=d_in, d_sae=d_sae, k=k)
+    _, figures = sae_guard.train(sae, data, tokens=batch * (steps + 1), batch_size=batch, progress=False,
+                                 autocast=dtype_autocast)
+    return {"step_seconds": figures["step_seconds_median"], "tokens_per_second": batch / figures["step_seconds_median"]}
+
+
+def peers(args, threads: int) -> dict:
+    venv = Path(os.environ.get("PEERS_VENV", ROOT / ".venv-peers"))
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run(["bash", str(PEERS / "setup_peers.sh")], check=True, cwd=ROOT)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peers.json"
+        subprocess.run([str(python), str(PEERS / "peer_speed.py"), "--d-in", str(args.d_in), "--d-sae",
+                        str(args.d_sae), "--k", str(args.k), "--batch", str(args.batch), "--steps", str(args.steps),
+                        "--warmup", "1", "--threads", str(threads), "--json", str(out)], check=True, cwd=ROOT)
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=384)
+    parser.add_argument("--d-sae", type=int, default=12288)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--json", help="write the figures here too")
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    print(f"TopK training step, d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch}, "
+          f"{threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    result = {"shape": vars(args), "threads": threads}
+    result["floor_seconds"] = floor = floor_seconds(args.d_in, args.d_sae, args.k, args.batch, args.steps)
+    result["sae_guard"] = mine = ours(args.d_in, args.d_sae, args.k, args.batch, args.steps, False)
+    print(f"{'floor (matmul + top-k)':28} {floor:8.3f} s")
+    print(f"{'sae_guard':28} {mine['step_seconds']:8.3f} s  {mine['tokens_per_second']:9.0f} tok/s  "
+          f"{mine['step_seconds'] / floor:5.2f}x floor")
+    if not args.no_peers:
+        result["peers"] = peer = peers(args, threads)
+        for name in ("sparsify", "sae_lens"):
+            if name in peer:
+                row = peer[name]
+                print(f"{name + ' ' + row.get('version', ''):28} {row['step_seconds']:8.3f} s  "
+                      f"{row['tokens_per_second']:9.0f} tok/s  sae_guard is "
+                      f"{mine['tokens_per_second'] / row['tokens_per_second']:.2f}x faster")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
