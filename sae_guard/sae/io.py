@@ -137,7 +137,11 @@ def _from_saelens(cfg: dict[str, Any], w: dict[str, Tensor]):
     elif arch == "topk":
         name, fields["k"] = "topk", int(cfg["k"])
         if cfg.get("rescale_acts_by_decoder_norm"):
-            raise SAEFormatError("SAELens topk with rescale_acts_by_decoder_norm=True is not supported yet")
+            # SAELens ranks n_i * pre_i (n_i = |W_dec[i]|) and decodes (z / n) @ W_dec: the same SAE as
+            # encoder rows and bias times n_i and unit decoder rows.
+            norms = weights["W_dec"].norm(dim=-1, keepdim=True)
+            weights["W_enc"], weights["b_enc"] = W_enc * norms, b_enc * norms[:, 0]
+            weights["W_dec"] = weights["W_dec"] / norms
     elif arch == "jumprelu":
         name = "jumprelu"
         weights["threshold"] = w["threshold"] if "threshold" in w else w["log_threshold"].exp()
