@@ -1,0 +1,108 @@
+"""The concepts' side of a gate: score every input, flag it, choose what to edit, keep verdicts.
+
+A `ConceptPolicy` is the `decide` callable a `Gate` asks on every pass: it scores each input for each
+concept (largest token energy over real tokens), flags the inputs whose score exceeds the concept's
+threshold, and chooses the flagged concepts' latents on the flagged inputs' tokens for editing.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..hooks.gate import GateCall
+from ..sae.base import SAE
+from .concept import Concept
+from .scoring import input_scores, token_energies
+
+
+@dataclass
+class Verdict:
+    """What the guard decided about one input."""
+
+    flagged: bool
+    scores: dict[str, float]
+    thresholds: dict[str, float]
+    action: str  # "pass", "flag" (classification only), or the edit applied ("deactivate", ...)
+    concepts: list[str] = field(default_factory=list)  # the concepts that flagged it
+    tokens: dict[str, list[int]] = field(default_factory=dict)  # positions whose energy exceeded the threshold
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConceptPolicy:
+    def __init__(self, sae: SAE, concepts: Sequence[Concept], action: str) -> None:
+        unfitted = [c.name for c in concepts if not c.fitted]
+        if unfitted:
+            raise ValueError(f"concepts {unfitted} are not fitted; fit them (guard() does) before gating")
+        names = [c.name for c in concepts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"concept names must be unique, got {names}")
+        self.sae, self.concepts, self.action = sae, list(concepts), action
+        device = sae.W_dec.device
+        self.members = torch.stack([c.members(sae.d_sae, device) for c in concepts]) if concepts else \
+            torch.zeros(0, sae.d_sae, dtype=torch.bool, device=device)
+        self.thresholds = torch.tensor([c.threshold for c in concepts], dtype=torch.float32, device=device)
+        self._state = threading.local()
+
+    @property
+    def last_verdicts(self) -> list[Verdict]:
+        """Verdicts of this thread's last pass through the gate, one per input."""
+        return getattr(self._state, "verdicts", [])
+
+    def __call__(self, call: GateCall) -> Tensor:
+        codes = call.codes
+        energies = token_energies(codes, self.members, self.sae.W_dec)  # (N, C)
+        scores = input_scores(energies, call.prompt_index, call.n_prompts)  # (B, C)
+        flagged = scores > self.thresholds
+        self._state.verdicts = self._verdicts(scores, flagged, energies, call)
+        token_flags = flagged[call.prompt_index]  # (N, C)
+        member_of = self.members.T[codes.indices]  # (N, k, C)
+        return (member_of & token_flags[:, None, :]).any(-1) & (codes.values != 0)
+
+    def _verdicts(self, scores: Tensor, flagged: Tensor, energies: Tensor, call: GateCall) -> list[Verdict]:
+        names = [c.name for c in self.concepts]
+        thresholds = dict(zip(names, self.thresholds.tolist()))
+        above = energies > self.thresholds
+        verdicts = []
+        scores_list, flagged_list = scores.tolist(), flagged.tolist()
+        for b in range(call.n_prompts):
+            hits = [name for name, f in zip(names, flagged_list[b]) if f]
+            tokens = {}
+            if hits:
+                rows = call.prompt_index == b
+                for c, name in enumerate(names):
+                    if flagged_list[b][c]:
+                        tokens[name] = call.token_index[rows & above[:, c]].tolist()
+            action = "pass" if not hits else (self.action if call.editing else "flag")
+            verdicts.append(Verdict(bool(hits), dict(zip(names, scores_list[b])), thresholds, action, hits, tokens))
+        return verdicts
+
+
+def merge_verdicts(per_gate: Sequence[Sequence[Verdict]]) -> list[Verdict]:
+    """One verdict per input from several gates: flagged by any; per concept the gate with the largest margin."""
+    per_gate = [v for v in per_gate if v]
+    if not per_gate:
+        return []
+    if len(per_gate) == 1:
+        return list(per_gate[0])
+    merged = []
+    for parts in zip(*per_gate):
+        scores, thresholds, tokens, hits = {}, {}, {}, []
+        for part in parts:
+            for name, score in part.scores.items():
+                margin = score / max(part.thresholds[name], 1e-12)
+                if name not in scores or margin > scores[name] / max(thresholds[name], 1e-12):
+                    scores[name], thresholds[name] = score, part.thresholds[name]
+            for name in part.concepts:
+                if name not in hits:
+                    hits.append(name)
+                tokens.setdefault(name, part.tokens.get(name, []))
+        actions = [p.action for p in parts if p.action != "pass"]
+        merged.append(Verdict(bool(hits), scores, thresholds, actions[0] if actions else "pass", hits, tokens))
+    return merged

@@ -1,0 +1,194 @@
+"""The Gate: an SAE spliced into a live module that edits concept latents as a delta.
+
+At the hooked module's output h (batch, tokens, d), for the real tokens of each input:
+
+    z = sae.encode(h)            (fp32, on h's device, whatever the model's dtype)
+    decision = decide(z, ...)    which (token, latent) entries to edit: the caller's policy
+    h' = h + (z_edit - z) @ W_dec   on the edited tokens only
+
+The SAE's own reconstruction error never enters the output, and an input with nothing to edit comes
+back bit-identical (its rows are not touched at all). The Gate knows SAEs and tensors, not concepts:
+`decide` (built by the concepts layer) says what to edit and records its verdicts.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..sae.base import SAE
+from ..sae.codes import SparseCodes, sparse_decode
+from .hookpoints import Hookpoint, hook_hidden
+
+EDIT_MODES = ("deactivate", "clamp", "scale", "steer")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """How chosen latents change.
+
+    deactivate: z -> strength * z, strength <= 0 (0 removes the feature; ItD uses -8)
+    clamp:      z -> clamp(z, -strength, strength) (|z| capped at strength >= 0)
+    scale:      z -> strength * z (any factor: 0.5 weakens, 2 amplifies)
+    steer:      h -> h + strength * direction on the chosen tokens (direction: the unit mean of the
+                chosen latents' decoder rows unless given)
+    """
+
+    mode: str = "deactivate"
+    strength: float = 0.0
+    direction: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in EDIT_MODES:
+            raise ValueError(f"unknown edit mode {self.mode!r}; choose one of {', '.join(EDIT_MODES)}")
+        if self.mode == "deactivate" and self.strength > 0:
+            raise ValueError(f"deactivate needs strength <= 0 (0 zeroes the feature), got {self.strength}")
+        if self.mode == "clamp" and self.strength < 0:
+            raise ValueError(f"clamp needs a bound >= 0, got {self.strength}")
+
+    def edited_values(self, values: Tensor) -> Tensor:
+        if self.mode in ("deactivate", "scale"):
+            return values * self.strength
+        if self.mode == "clamp":
+            return values.clamp(-self.strength, self.strength)
+        return values  # steer leaves the codes alone
+
+    def delta(self, codes: SparseCodes, chosen: Tensor, W_dec: Tensor) -> Tensor:
+        """The (N, d) change to the hidden state of each token."""
+        if self.mode == "steer":
+            direction = self.direction
+            if direction is None:
+                direction = _mean_direction(codes.indices, chosen, W_dec)
+            direction = direction.to(W_dec)
+            rows = chosen.any(-1, keepdim=True).to(W_dec.dtype)
+            return rows * (self.strength * direction)
+        change = torch.where(chosen, self.edited_values(codes.values) - codes.values, torch.zeros_like(codes.values))
+        return sparse_decode(SparseCodes(change, codes.indices), W_dec)
+
+
+def _mean_direction(indices: Tensor, chosen: Tensor, W_dec: Tensor) -> Tensor:
+    used = torch.unique(indices[chosen])
+    if used.numel() == 0:
+        return torch.zeros(W_dec.shape[-1], dtype=W_dec.dtype, device=W_dec.device)
+    mean = W_dec[used].mean(0)
+    return mean / mean.norm().clamp_min(1e-12)
+
+
+@dataclass
+class GateCall:
+    """What one pass through the hooked module saw, handed to `decide`."""
+
+    codes: SparseCodes  # (N, k) codes of the real tokens
+    prompt_index: Tensor  # (N,) which input of the batch each real token belongs to
+    token_index: Tensor  # (N,) its position within that input
+    n_prompts: int
+    editing: bool  # False: score only (classify), never edit
+
+
+class Decide(Protocol):
+    def __call__(self, call: GateCall) -> Tensor:
+        """Return an (N, k) bool mask of the code entries to edit (all False to leave the batch alone)."""
+
+
+MaskFn = Callable[[tuple, dict], Tensor | None]
+
+
+class Gate:
+    """One SAE at one hookpoint. `attach()` installs it; `detach()` removes every trace.
+
+    `mask_fn(args, kwargs)` reads the real-token mask (batch, tokens) from the call of the model
+    that owns the hookpoint (e.g. its attention mask); None means every token is real.
+    """
+
+    def __init__(self, hookpoint: Hookpoint, sae: SAE, decide: Decide, edit: Edit = Edit(),
+                 mask_fn: MaskFn | None = None) -> None:
+        self.hookpoint, self.sae, self.decide, self.edit = hookpoint, sae, decide, edit
+        self.mask_fn = mask_fn
+        self._state = threading.local()
+        self._handles: list[Any] = []
+
+    # -------------------------------------------------------------- per-thread call state
+    MODES = ("edit", "score", "off")
+
+    @property
+    def mode(self) -> str:
+        """This thread's mode: "edit" (score and edit), "score" (classify only) or "off" (pass through)."""
+        return getattr(self._state, "mode", "edit")
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in self.MODES:
+            raise ValueError(f"gate mode must be one of {self.MODES}, got {value!r}")
+        self._state.mode = value
+
+    def attach(self) -> "Gate":
+        if self._handles:
+            return self
+        model = self.hookpoint.model
+        self._handles.append(model.register_forward_pre_hook(self._capture_mask, with_kwargs=True, prepend=True))
+        self._handles.append(hook_hidden(self.hookpoint.module, self._on_hidden, prepend=True))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _capture_mask(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._state.mask = self.mask_fn(args, kwargs) if self.mask_fn is not None else kwargs.get("attention_mask")
+        return None
+
+    def _on_hidden(self, hidden: Tensor) -> Tensor | None:
+        mask = getattr(self._state, "mask", None)
+        self._state.mask = None  # one model call, one mask
+        mode = self.mode
+        return None if mode == "off" else self.apply(hidden, mask, editing=mode == "edit")
+
+    # -------------------------------------------------------------- the math
+    @torch.no_grad()
+    def apply(self, hidden: Tensor, mask: Tensor | None = None, editing: bool = True) -> Tensor | None:
+        """Score `hidden` (batch, tokens, d) and return its edited copy, or None if nothing changed."""
+        if hidden.ndim == 2:
+            hidden3 = hidden[None]
+        elif hidden.ndim == 3:
+            hidden3 = hidden
+        else:
+            raise ValueError(f"the gate expects (batch, tokens, d) hidden states, got shape {tuple(hidden.shape)}")
+        batch, tokens, width = hidden3.shape
+        if width != self.sae.d_in:
+            raise ValueError(
+                f"SAE width d_in={self.sae.d_in} does not match the hidden size {width} at {self.hookpoint.name}"
+            )
+        real = _real_tokens(mask, batch, tokens, hidden3.device)
+        prompt_index, token_index = real.nonzero(as_tuple=True)
+        sae = self.sae
+        x = hidden3[prompt_index, token_index].to(sae.W_enc.device, torch.float32)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"non-finite activations (NaN/inf) at {self.hookpoint.name}; the model is unchanged")
+        codes = sae.encode_sparse(x)
+        call = GateCall(codes, prompt_index.to(x.device), token_index.to(x.device), batch, editing)
+        chosen = self.decide(call)
+        if not editing or not bool(chosen.any()):
+            return None
+        rows = chosen.any(-1)
+        delta = self.edit.delta(SparseCodes(codes.values[rows], codes.indices[rows]), chosen[rows], sae.W_dec)
+        out = hidden3.clone()
+        b, t = prompt_index[rows.to(prompt_index.device)], token_index[rows.to(token_index.device)]
+        out[b, t] = (hidden3[b, t].float() + delta.to(hidden3.device)).to(hidden3.dtype)
+        return out if hidden.ndim == 3 else out[0]
+
+
+def _real_tokens(mask: Tensor | None, batch: int, tokens: int, device: torch.device) -> Tensor:
+    if mask is None:
+        return torch.ones(batch, tokens, dtype=torch.bool, device=device)
+    mask = torch.as_tensor(mask, device=device)
+    if mask.shape != (batch, tokens):
+        if mask.shape[0] == batch and mask.shape[-1] >= tokens and mask.ndim == 2:
+            mask = mask[:, -tokens:] if mask.shape[-1] > tokens else mask
+        else:
+            raise ValueError(f"token mask of shape {tuple(mask.shape)} does not match hidden states ({batch}, {tokens})")
+    return mask.bool()

@@ -1,0 +1,174 @@
+"""The guard on a real (tiny, random) CLIP text encoder with the real CLIP vocabulary."""
+
+import threading
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import sae_guard
+from sae_guard import SAE, Concept, guard
+from sae_guard.hooks.hookpoints import HookpointError
+
+ANIMALS = ["dog", "cat", "horse", "lion", "tiger", "bird", "fish", "cow", "sheep", "goat", "duck", "bear"]
+PLACES = ["in a field", "at the beach", "on a hill", "in the snow", "near a river", "in a city street",
+          "under a tree", "at night", "in the rain", "on a farm", "in a zoo", "by the sea"]
+TARGET = [f"a photo of a zebra {p}" for p in PLACES] + [f"a zebra and a {a}" for a in ANIMALS]
+RETAIN = [f"a photo of a {a} {p}" for a in ANIMALS for p in PLACES[:6]]
+HOOK = "text_model.encoder.layers.1"
+
+
+@pytest.fixture(scope="module")
+def clip(clip_tokenizer):
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sae(clip, clip_tokenizer):
+    torch.manual_seed(0)
+    acts = sae_guard.harvest(clip, HOOK, TARGET + RETAIN, tokenizer=clip_tokenizer, mode="sequential")
+    sae = SAE.create("topk", d_in=32, d_sae=256, k=8)
+    sae, _ = sae_guard.train(sae, acts.to_tensor(), tokens=200_000, batch_size=512, progress=False)
+    return sae.eval()
+
+
+def hooks_of(model):
+    """Every forward hook and pre-hook on the model (transformers 5 adds recording hooks of its own)."""
+    return {(name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()}
+
+
+def concept():
+    return Concept("zebra", target=TARGET, retain=RETAIN, n_features=8, fpr=0.05)
+
+
+def encode(tok, texts):
+    return tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
+
+
+def test_flags_the_concept_and_edits_only_flagged_inputs(clip, clip_tokenizer, sae):
+    g = guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer)
+    try:
+        c = g.concepts[0]
+        assert c.calibration["fpr"] <= 0.05 and c.calibration["tpr"] >= 0.8
+        texts = ["a zebra in the snow", "a photo of a dog at night"]
+        with torch.no_grad():
+            guarded = clip(input_ids=encode(clip_tokenizer, texts)).last_hidden_state
+        verdicts = g.last_verdicts
+        assert [v.flagged for v in verdicts] == [True, False]
+        assert verdicts[0].concepts == ["zebra"] and verdicts[0].action == "deactivate"
+        assert verdicts[1].action == "pass" and verdicts[0].tokens["zebra"]
+        assert set(verdicts[0].scores) == {"zebra"} and verdicts[0].thresholds["zebra"] == c.threshold
+    finally:
+        g.detach()
+    with torch.no_grad():
+        plain = clip(input_ids=encode(clip_tokenizer, texts)).last_hidden_state
+    assert torch.equal(guarded[1], plain[1])  # not flagged: bit-identical
+    assert not torch.allclose(guarded[0], plain[0])  # flagged: edited
+
+
+def test_scores_use_real_tokens_and_do_not_depend_on_the_batch(clip, clip_tokenizer, sae):
+    with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+        alone = g.classify(["a zebra at the beach"])[0].scores["zebra"]
+        batch = g.classify(["a zebra at the beach", "a very long prompt " * 6, "cat"])[0].scores["zebra"]
+        assert abs(alone - batch) <= 1e-5
+
+
+def test_detach_restores_the_model_exactly(clip, clip_tokenizer, sae):
+    ids = encode(clip_tokenizer, ["a zebra in the rain", "a dog"])
+    state = {k: v.clone() for k, v in clip.state_dict().items()}
+    hooks = hooks_of(clip)
+    with torch.no_grad():
+        before = clip(input_ids=ids).last_hidden_state
+    g = guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer)
+    g.detach()
+    with torch.no_grad():
+        after = clip(input_ids=ids).last_hidden_state
+    assert torch.equal(before, after)
+    assert all(torch.equal(v, clip.state_dict()[k]) for k, v in state.items())
+    assert hooks_of(clip) == hooks
+
+
+def test_hidden_states_record_the_edit(clip, clip_tokenizer, sae):
+    ids = encode(clip_tokenizer, ["a zebra in a zoo"])
+    with torch.no_grad():
+        plain = clip(input_ids=ids, output_hidden_states=True).hidden_states[2]
+        with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+            out = clip(input_ids=ids, output_hidden_states=True)
+            assert g.last_verdicts[0].flagged
+    assert not torch.allclose(out.hidden_states[2], plain)  # layer 1's output, as recorded, is the edited one
+
+
+def test_both_transformers_path_forms_resolve(clip, clip_tokenizer, sae):
+    modules = []
+    for name in ("encoder.layers.1", "text_model.encoder.layers.1"):
+        with guard(clip, sae=sae, concepts=[concept()], hookpoint=name, tokenizer=clip_tokenizer) as g:
+            modules.append(g.gates[0].hookpoint.module)
+    assert modules[0] is modules[1] and modules[0] is clip.get_submodule(g.gates[0].hookpoint.name)
+
+
+def test_fp16_model_is_guarded_in_fp32(clip, clip_tokenizer, sae):
+    half = CLIPTextModel(clip.config).eval()
+    half.load_state_dict(clip.state_dict())
+    half = half.to(torch.bfloat16)
+    with guard(half, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+        with torch.no_grad():
+            out = half(input_ids=encode(clip_tokenizer, ["a zebra on a farm"])).last_hidden_state
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        assert g.last_verdicts[0].flagged
+
+
+def test_edit_modes(clip, clip_tokenizer, sae):
+    ids = encode(clip_tokenizer, ["a zebra by the sea"])
+    outs = {}
+    for mode, strength in [("deactivate", 0.0), ("deactivate", -8.0), ("scale", 2.0), ("clamp", 0.0), ("steer", 3.0)]:
+        with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer, mode=mode,
+                   strength=strength):
+            with torch.no_grad():
+                outs[(mode, strength)] = clip(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(outs[("deactivate", 0.0)], outs[("clamp", 0.0)])
+    assert not torch.allclose(outs[("deactivate", 0.0)], outs[("deactivate", -8.0)])
+    assert not torch.allclose(outs[("scale", 2.0)], outs[("steer", 3.0)])
+    with pytest.raises(ValueError, match="strength <= 0"):
+        guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer, strength=1.0)
+
+
+def test_threads_get_their_own_verdicts(clip, clip_tokenizer, sae):
+    with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+        results = {}
+
+        def run(text):
+            for _ in range(5):
+                with torch.no_grad():
+                    clip(input_ids=encode(clip_tokenizer, [text]))
+                results.setdefault(text, []).append(g.last_verdicts[0].flagged)
+
+        threads = [threading.Thread(target=run, args=(t,)) for t in ("a zebra at night", "a dog at night")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == {"a zebra at night": [True] * 5, "a dog at night": [False] * 5}
+
+
+def test_bad_input_is_a_clear_error_and_leaves_the_model_alone(clip, clip_tokenizer, sae):
+    hooks = hooks_of(clip)
+    with pytest.raises(HookpointError, match="no module 'encoder.layer.1'"):
+        guard(clip, sae=sae, concepts=[concept()], hookpoint="encoder.layer.1", tokenizer=clip_tokenizer)
+    wide = SAE.create("topk", d_in=64, d_sae=128, k=4)
+    with pytest.raises(ValueError, match="d_in=64 does not match the width 32"):
+        guard(clip, sae=wide, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer)
+    with pytest.raises(ValueError, match="no target inputs"):
+        guard(clip, sae=sae, concepts=[Concept("empty", target=[], retain=RETAIN)], hookpoint=HOOK,
+              tokenizer=clip_tokenizer)
+    assert hooks_of(clip) == hooks
+    with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+        empty, long = g.classify(["", "zebra " * 200])
+        assert not empty.flagged and long.flagged  # empty: BOS/EOS only; over-long: truncated to 77 as CLIP sees it
+        gate = g.gates[0]
+        bad = torch.zeros(1, 5, 32)
+        bad[0, 2, 0] = float("nan")
+        with pytest.raises(ValueError, match="non-finite"):
+            gate.apply(bad)
