@@ -57,3 +57,12 @@ def test_discrete_codes_pick_the_most_active_latent():
     assert discrete_codes(dense).tolist() == [2, -1]
     sparse = SparseCodes(torch.tensor([[0.5, 4.0], [0.0, 0.0]]), torch.tensor([[3, 1], [0, 2]]))
     assert discrete_codes(sparse).tolist() == [1, -1]
+
+
+def test_chunked_topk_encode_matches_the_dense_one():
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in=8, d_sae=300, k=5)
+    x = torch.randn(4, 7, 8)
+    dense = sae.encode(x)
+    sae.chunk_elements = 7 * 64  # forces chunks of 16 latents for 28 tokens
+    assert torch.equal(sae.encode(x), dense)

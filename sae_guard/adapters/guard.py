@@ -31,8 +31,9 @@ from . import text
 class Guard:
     """A live model with SAE gates attached. Also a context manager that detaches on exit."""
 
-    def __init__(self, target: Any, gates: list[Gate], policies: list[ConceptPolicy], tokenizer: Any = None):
-        self.target, self.gates, self.policies, self.tokenizer = target, gates, policies, tokenizer
+    def __init__(self, target: Any, gates: list[Gate], policies: list[ConceptPolicy], tokenizers: list[Any]):
+        """One tokenizer per gate: the one that turns strings into inputs of the gate's model."""
+        self.target, self.gates, self.policies, self.tokenizers = target, gates, policies, tokenizers
         for gate in gates:
             gate.attach()
 
@@ -53,9 +54,11 @@ class Guard:
         for start in range(0, len(inputs), batch_size):
             chunk = list(inputs[start : start + batch_size])
             per_gate = []
-            for gate, policy in zip(self.gates, self.policies):
+            for gate, policy, tokenizer in zip(self.gates, self.policies, self.tokenizers):
+                if tokenizer is None:
+                    raise ValueError("classifying strings needs a tokenizer: pass tokenizer=... to guard()")
                 with gate_mode(gate, "score"):
-                    model_inputs = text.tokenize(self._tokenizer(), gate.hookpoint.model, chunk,
+                    model_inputs = text.tokenize(tokenizer, gate.hookpoint.model, chunk,
                                                  text.device_of(gate.hookpoint.model))
                     capture_hidden(gate.hookpoint, **model_inputs)
                 per_gate.append(policy.last_verdicts)
@@ -72,11 +75,6 @@ class Guard:
 
     def __exit__(self, *exc: Any) -> None:
         self.detach()
-
-    def _tokenizer(self) -> Any:
-        if self.tokenizer is None:
-            raise ValueError("classifying strings needs a tokenizer: pass tokenizer=... to guard()")
-        return self.tokenizer
 
 
 @contextmanager
@@ -107,7 +105,7 @@ def guard(target: Any, sae: SAE, concepts: Sequence[Concept], hookpoint: str | N
     point = find_hookpoint(target, name)
     edit = edit or Edit(mode, strength)
     gate, policy = build_gate(point, sae, concepts, tokenizer, edit, batch_size)
-    return Guard(target, [gate], [policy], tokenizer)
+    return Guard(target, [gate], [policy], [tokenizer])
 
 
 def build_gate(point: Hookpoint, sae: SAE, concepts: Sequence[Concept], tokenizer: Any, edit: Edit,

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..hooks.hookpoints import Hookpoint
+from ..hooks.hookpoints import Hookpoint, numbered_containers
 
 
 def is_clip_text(model: nn.Module) -> bool:
@@ -81,9 +81,7 @@ def device_of(model: nn.Module) -> torch.device:
 
 def default_hookpoint(model: nn.Module) -> str:
     """Two-thirds of the way through the layer stack: where text encoders hold concepts (ItD: 8 of 12)."""
-    from ..hooks.hookpoints import _numbered_containers  # noqa: PLC0415
-
-    containers = _numbered_containers(model)
+    containers = numbered_containers(model)
     if not containers:
         raise ValueError(f"cannot guess a hookpoint in {type(model).__name__}; pass hookpoint=...")
     name, _, span = containers[0].rpartition(".")

@@ -153,6 +153,21 @@ class SAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
     # ------------------------------------------------------------------ shared pieces for variants
+    @staticmethod
+    def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
+        """Reduce a batch statistic over training processes in place ("sum", "min" or "max").
+
+        Variants whose `after_optimizer_step` updates state from batch statistics (thresholds,
+        firing counts, biases) reduce them with this, so every process keeps identical state; in a
+        single process it does nothing.
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+            dist.all_reduce(tensor, op=ops[op])
+        return tensor
+
     def training_preacts(self, x: Tensor) -> Tensor:
         """Pre-activations of a (B, d_in) training batch, without gradient (pair with `selected`)."""
         return encoder_preacts(x.detach() - self.b_dec.detach(), self.W_enc.detach(), self.b_enc.detach())

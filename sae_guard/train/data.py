@@ -60,8 +60,9 @@ class BufferedStream:
         self.buffer_size = max(buffer_size or 16 * batch_size, 2 * batch_size)
 
     def _rows(self) -> Iterator[Tensor]:
-        epoch, produced = 0, False
+        epoch = 0
         while True:
+            produced = False
             for chunk in self.source:
                 chunk = torch.as_tensor(chunk)
                 if chunk.ndim == 1:
@@ -72,7 +73,7 @@ class BufferedStream:
                     produced = True
                     yield chunk
             if not produced:
-                raise ValueError("activation data is empty: the iterable yielded no rows")
+                raise ValueError(f"activation data is empty: the iterable yielded no rows on pass {epoch + 1}")
             if iter(self.source) is self.source:  # a one-shot iterator cannot be replayed
                 return
             epoch += 1

@@ -143,8 +143,8 @@ def train(
                 out = sae.training_forward(x, dead)
                 terms = {name: coef * fn(out) for name, (coef, fn) in sae.loss_terms().items() if coef}
             loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+            if not _finite_everywhere(loss, world):
+                raise FloatingPointError(f"loss became non-finite at step {step} (on some process); lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _all_reduce_grads(params, world)
@@ -222,8 +222,18 @@ def _broadcast(sae: SAE, world: int) -> None:
 
 
 def _all_reduce_grads(params, world: int) -> None:
+    """Average gradients over processes; a parameter without gradient on one rank joins with zeros."""
     if world > 1:
         for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= world
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
+
+
+def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every process (all ranks then stop together, none hangs)."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())

@@ -43,17 +43,41 @@ class TopKSAE(SAE):
     def k_aux(self) -> int:
         return self.cfg.k_aux or max(1, self.d_in // 2)
 
+    # encode in latent chunks when tokens x d_sae would exceed this many pre-activations (64 MiB fp32)
+    chunk_elements: int = 1 << 24
+
     def select(self, pre: Tensor, k: int) -> Tensor:
         """Indices of the kept latents per token."""
-        return pre.topk(min(k, self.d_sae), dim=-1, sorted=False).indices
+        return pre.topk(min(k, pre.shape[-1]), dim=-1, sorted=False).indices
 
     def activate(self, values: Tensor) -> Tensor:
         return F.relu(values)
 
     def encode_sparse(self, x: Tensor) -> SparseCodes:
-        pre = self.pre_acts(self.check_input(x))
-        indices = self.select(pre, self.cfg.k)
-        return SparseCodes(self.activate(pre.gather(-1, indices)), indices)
+        x = self.check_input(x)
+        lead, x = x.shape[:-1], x.reshape(-1, self.d_in)
+        if x.shape[0] * self.d_sae <= self.chunk_elements:
+            pre = self.pre_acts(x)
+            indices = self.select(pre, self.cfg.k)
+            values = pre.gather(-1, indices)
+        else:
+            values, indices = self._encode_in_chunks(x)
+        k = indices.shape[-1]
+        return SparseCodes(self.activate(values).reshape(*lead, k), indices.reshape(*lead, k))
+
+    def _encode_in_chunks(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-k per chunk of latents, then top-k of those candidates: the same codes, a fraction of the memory."""
+        x_c = x - self.b_dec
+        width = max(self.cfg.k, self.chunk_elements // max(x.shape[0], 1))
+        cand_values, cand_indices = [], []
+        for start in range(0, self.d_sae, width):
+            pre = F.linear(x_c, self.W_enc[start : start + width], self.b_enc[start : start + width])
+            local = self.select(pre, self.cfg.k)
+            cand_values.append(pre.gather(-1, local))
+            cand_indices.append(local + start)
+        values, indices = torch.cat(cand_values, -1), torch.cat(cand_indices, -1)
+        pick = self.select(values, self.cfg.k)
+        return values.gather(-1, pick), indices.gather(-1, pick)
 
     def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
         pre = self.training_preacts(x)

@@ -1,0 +1,68 @@
+"""Shared fixtures: real tokenizers built offline."""
+
+from __future__ import annotations
+
+import pytest
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+)
+WORDS = [
+    "the cat sat on the mat", "a dog ran in the park", "user assistant system", "hello how are you today",
+    "i am fine thank you", "the quick brown fox jumps over the lazy dog", "paint a red circle and a blue square",
+]
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer(tmp_path_factory):
+    """The genuine CLIP tokenizer (49408 tokens), built from the BPE merges that open_clip ships."""
+    from sae_guard.adapters.clip_vocab import clip_tokenizer
+
+    return clip_tokenizer(str(tmp_path_factory.mktemp("clip_tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A small GPT-2-style fast tokenizer: word-level, `<|endoftext|>` as BOS/EOS/pad, a ChatML template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    backend.train_from_iterator(WORDS, trainers.WordLevelTrainer(special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=1024,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_sd_pipeline(clip_tokenizer):
+    """A real StableDiffusionPipeline with tiny random components and the genuine CLIP tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=77,
+    ))
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer, unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
