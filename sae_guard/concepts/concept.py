@@ -121,7 +121,7 @@ def threshold_at_fpr(retain_scores: Tensor, fpr: float) -> float:
     """The score above which at most a fraction `fpr` of the retain scores lie."""
     if retain_scores.numel() == 0:
         raise ValueError("cannot calibrate a threshold without retain scores")
-    allowed = int(math.floor(fpr * retain_scores.numel()))
+    allowed = int(math.floor(fpr * retain_scores.numel() + 1e-9))  # 0.29 * 100 is 28.999... in floats
     ordered = retain_scores.sort(descending=True).values
     return float(ordered[min(allowed, ordered.numel() - 1)])
 

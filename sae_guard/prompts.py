@@ -1,0 +1,407 @@
+"""Public prompt sets, read from a data folder, and the three concept datasets a prompt classifier is measured on.
+
+The CSVs live beside the project, never inside it (see the folder's README). The folder is, first found: the
+`folder` argument, the `SAE_GUARD_PROMPTS` environment variable, `../shared/data/prompts` next to the repository
+root, the same path next to the working directory or one of its parents.
+
+Every reader returns prompts cleaned one way: stripped, empty and NaN cells dropped, duplicates removed keeping
+the first occurrence.
+
+A concept dataset has three disjoint splits, each with `target` and `retain` prompts: `fit` (pick SAE features,
+train a baseline), `calibrate` (set the threshold), `test` (report only). Membership is fixed by a seeded SHA-256
+of the prompt (or pair, or celebrity), so it depends on neither file order nor Python's hash seed, and the counts
+are exact. The evaluation-only prompts (UnlearnDiffAtk nudity, I2P sexual, COCO val, DiffusionDB val; COCO val
+is a subset of COCO 30k) are kept out of every split and out of SAE training, so attack and flag rates are
+measured on prompts no method saw.
+Sizes with the shared data and seed 0 (`python -m sae_guard.prompts` prints them):
+
+    concept    split      target  retain
+    nudity     fit          3618   15931
+    nudity     calibrate    1206    5311
+    nudity     test         1206    5309
+    celebrity  fit           100     200
+    celebrity  calibrate      50     100
+    celebrity  test          100     200
+    vangogh    fit            20      20
+    vangogh    calibrate      10      10
+    vangogh    test           20      20
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import TypeVar
+
+PROMPTS_ENV = "SAE_GUARD_PROMPTS"
+SEED = 0
+SHARED_SUBPATH = Path("shared") / "data" / "prompts"
+# Split fractions (fit, calibrate, test). Nudity has thousands of prompts, so a 20% calibrate split already
+# holds about 5,300 COCO captions (about 53 above a 1% threshold); the 50 Van Gogh pairs keep 40% for test.
+NUDITY_FRACTIONS = (0.6, 0.2, 0.2)
+VANGOGH_FRACTIONS = (0.4, 0.2, 0.4)
+CELEBRITY_TEMPLATE_FRACTIONS = (0.4, 0.2, 0.4)  # of each celebrity's 5 templates: 2 fit, 1 calibrate, 2 test
+ORDINARY_RETAIN = 1000  # COCO captions added to the retain side of the celebrity and Van Gogh concepts
+SPLITS = ("fit", "calibrate", "test")
+DIFFUSIONDB_VAL_SIZE = 2000
+
+Unit = TypeVar("Unit")
+
+
+def prompts_dir(folder: str | os.PathLike | None = None) -> Path:
+    """The prompt-data folder (see the module docstring for the search order)."""
+    if folder is not None:
+        candidates = [Path(folder)]
+    elif os.environ.get(PROMPTS_ENV):
+        candidates = [Path(os.environ[PROMPTS_ENV])]
+    else:
+        repo_root = Path(__file__).resolve().parents[1]
+        cwd = Path.cwd().resolve()
+        candidates = [repo_root.parent / SHARED_SUBPATH] + [p / SHARED_SUBPATH for p in (cwd, *cwd.parents)]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise FileNotFoundError(
+        f"prompt data folder not found (looked in {', '.join(map(str, candidates))}); pass `folder=` or set "
+        f"{PROMPTS_ENV} to a folder holding the prompt CSVs"
+    )
+
+
+def clean(prompts: Iterable[str | None]) -> list[str]:
+    """Strip, drop empty and NaN cells, de-duplicate keeping the first occurrence."""
+    seen: set[str] = set()
+    out = []
+    for prompt in prompts:
+        text = (prompt or "").strip()
+        if text and text.lower() != "nan" and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+@lru_cache(maxsize=32)
+def _rows(path: Path) -> tuple[dict[str, str], ...]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return tuple(csv.DictReader(handle))
+
+
+def read_rows(filename: str, folder: str | os.PathLike | None = None, columns: Sequence[str] = ()) -> list[dict]:
+    """The rows of one CSV as dicts, after checking that `columns` exist (a clear error beats a KeyError)."""
+    path = prompts_dir(folder) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the prompt data folder")
+    rows = _rows(path)
+    missing = [c for c in columns if rows and c not in rows[0]]
+    if missing:
+        raise KeyError(f"{path.name} has no column(s) {missing}; it has {list(rows[0])}")
+    return list(rows)
+
+
+def read_prompts(filename: str, folder: str | os.PathLike | None = None, column: str = "prompt") -> list[str]:
+    """One column of one CSV, cleaned."""
+    return clean(row[column] for row in read_rows(filename, folder, [column]))
+
+
+def coco(folder: str | os.PathLike | None = None) -> list[str]:
+    """COCO captions (coco_30k.csv): ordinary prompts."""
+    return read_prompts("coco_30k.csv", folder)
+
+
+def coco_val(folder: str | os.PathLike | None = None) -> list[str]:
+    """COCO val captions (coco_30k_val.csv, a subset of coco_30k): the flag-rate set for ordinary prompts."""
+    return read_prompts("coco_30k_val.csv", folder)
+
+
+def diffusiondb(folder: str | os.PathLike | None = None) -> list[str]:
+    """10,000 real user prompts from DiffusionDB (diffusiondb10K.csv)."""
+    return read_prompts("diffusiondb10K.csv", folder)
+
+
+def diffusiondb_val(folder: str | os.PathLike | None = None, seed: int = SEED) -> list[str]:
+    """A fixed 2,000-prompt sample of DiffusionDB 10k, for a flag rate on benign user prompts (evaluation only).
+
+    All 10k have prompt_nsfw below 0.001, and they are written like the DiffusionDB NSFW targets, so their flag
+    rate separates detecting the concept from detecting the DiffusionDB prompt style.
+    """
+    pool = diffusiondb(folder)
+    return sorted(pool, key=lambda p: _hash_key(seed, "diffusiondb_val", p))[:DIFFUSIONDB_VAL_SIZE]
+
+
+def diffusiondb_nsfw(folder: str | os.PathLike | None = None) -> list[str]:
+    """DiffusionDB prompts with prompt_nsfw >= 0.8 (diffusiondb_nsfw.csv): the nudity target pool."""
+    return read_prompts("diffusiondb_nsfw.csv", folder)
+
+
+def i2p(category: str | None = None, folder: str | os.PathLike | None = None) -> list[str]:
+    """I2P prompts; with `category`, only rows whose comma-separated `categories` include it (e.g. "sexual")."""
+    rows = read_rows("i2p.csv", folder, ["prompt", "categories"])
+    if category is not None:
+        rows = [r for r in rows if category in {c.strip() for c in (r["categories"] or "").split(",")}]
+    return clean(r["prompt"] for r in rows)
+
+
+def unlearndiffatk_nudity(folder: str | os.PathLike | None = None) -> list[str]:
+    """The 142 I2P prompts of the UnlearnDiffAtk nudity benchmark (SD 1.4 drew nudity for them)."""
+    return read_prompts("unlearndiffatk_nudity.csv", folder)
+
+
+def celebrity_100(folder: str | os.PathLike | None = None) -> list[str]:
+    """MACE's 100 erased + 100 other celebrities x 5 templates (celebrity_100_concepts.csv)."""
+    return read_prompts("celebrity_100_concepts.csv", folder)
+
+
+def art_100(folder: str | os.PathLike | None = None) -> list[str]:
+    """MACE's artists x 5 style templates (art_100_concepts.csv)."""
+    return read_prompts("art_100_concepts.csv", folder)
+
+
+def character(folder: str | os.PathLike | None = None) -> list[str]:
+    """Prompts about cartoon characters (character.csv)."""
+    return read_prompts("character.csv", folder)
+
+
+def concept_pairs(name: str, folder: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """(sensitive, normal) pairs of concept_pairs_{name}.csv, cleaned.
+
+    Repeated rows are dropped, and so is any later pair that reuses a prompt of an earlier one, so splitting by
+    pair can never put one prompt in two splits.
+    """
+    columns = ("sensitive prompt", "normal prompt")
+    rows = read_rows(f"concept_pairs_{name}.csv", folder, columns)
+    used: set[str] = set()
+    pairs = []
+    for row in rows:
+        sensitive, normal = ((row[c] or "").strip() for c in columns)
+        pair = (sensitive, normal)
+        if clean(pair) != list(pair) or used & set(pair):
+            continue
+        used.update(pair)
+        pairs.append(pair)
+    return pairs
+
+
+def evaluation_prompts(folder: str | os.PathLike | None = None, seed: int = SEED) -> list[str]:
+    """Prompts kept for evaluation only: the attack sets (UnlearnDiffAtk nudity, I2P sexual), COCO val and
+    DiffusionDB val."""
+    return clean([*unlearndiffatk_nudity(folder), *i2p("sexual", folder), *coco_val(folder),
+                  *diffusiondb_val(folder, seed)])
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a concept dataset: prompts showing the concept and prompts that must pass."""
+
+    target: list[str]
+    retain: list[str]
+
+
+@dataclass(frozen=True)
+class ConceptData:
+    """A concept's fit / calibrate / test splits; `target_names` lists the named targets (celebrity only)."""
+
+    name: str
+    fit: Split
+    calibrate: Split
+    test: Split
+    target_names: tuple[str, ...] = ()
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return getattr(self, name)
+
+    def without_test(self) -> ConceptData:
+        """The view a method may be fitted on: fit and calibrate, the test split emptied."""
+        return replace(self, test=Split([], []))
+
+    def held_out(self) -> set[str]:
+        """Every calibrate and test prompt (both sides): never to be used for training an SAE."""
+        return {p for s in (self.calibrate, self.test) for p in (*s.target, *s.retain)}
+
+    def sizes(self) -> dict[str, dict[str, int]]:
+        return {s: {"target": len(self.split(s).target), "retain": len(self.split(s).retain)} for s in SPLITS}
+
+
+def _hash_key(seed: int, salt: str, key: str) -> str:
+    return hashlib.sha256(f"{seed}\x1f{salt}\x1f{key}".encode()).hexdigest()
+
+
+def _cut_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    n_fit, n_calibrate = round(n * fractions[0]), round(n * fractions[1])
+    return n_fit, n_calibrate, n - n_fit - n_calibrate
+
+
+def _split_units(
+    units: Sequence[Unit], fractions: tuple[float, float, float], seed: int, salt: str, key: Callable[[Unit], str]
+) -> tuple[list[Unit], list[Unit], list[Unit]]:
+    """Order units by their seeded hash and cut them at the fractions: exact sizes, stable membership."""
+    ordered = sorted(units, key=lambda u: _hash_key(seed, salt, key(u)))
+    n_fit, n_calibrate, _ = _cut_sizes(len(ordered), fractions)
+    return ordered[:n_fit], ordered[n_fit : n_fit + n_calibrate], ordered[n_fit + n_calibrate :]
+
+
+def _paired_dataset(
+    name: str, pairs: Sequence[tuple[str, str]], targets: Sequence[str], retains: Sequence[str],
+    fractions: tuple[float, float, float], seed: int,
+) -> ConceptData:
+    """Split unpaired targets, unpaired retains and pairs separately (each at the fractions), then join them."""
+    pair_parts = _split_units(pairs, fractions, seed, f"{name}/pairs", "\x1f".join)
+    target_parts = _split_units(targets, fractions, seed, f"{name}/target", str)
+    retain_parts = _split_units(retains, fractions, seed, f"{name}/retain", str)
+    splits = [
+        Split(target=t + [s for s, _ in p], retain=r + [n for _, n in p])
+        for p, t, r in zip(pair_parts, target_parts, retain_parts)
+    ]
+    return ConceptData(name, *splits)
+
+
+def nudity(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """Nudity: target = DiffusionDB NSFW + sensitive pair sides; retain = COCO 30k + normal pair sides.
+
+    Each pair's two sides share a split. Evaluation-only prompts (see `evaluation_prompts`) are removed from both
+    pools, and so is any prompt found in both pools. Fractions 0.6 / 0.2 / 0.2 (see the module docstring).
+    """
+    excluded = set(evaluation_prompts(folder, seed))
+    pairs = [p for p in concept_pairs("nudity", folder) if not excluded & set(p)]
+    excluded |= {prompt for pair in pairs for prompt in pair}
+    targets = [p for p in diffusiondb_nsfw(folder) if p not in excluded]
+    excluded |= set(targets)
+    retains = [p for p in coco(folder) if p not in excluded]
+    return _paired_dataset("nudity", pairs, targets, retains, NUDITY_FRACTIONS, seed)
+
+
+def _with_ordinary(data: ConceptData, folder: str | os.PathLike | None, seed: int,
+                   n: int = ORDINARY_RETAIN) -> ConceptData:
+    """Add `n` COCO captions to the retain sides (split 0.6 / 0.2 / 0.2): a guard must also pass ordinary prompts.
+
+    Concepts whose own retain set holds only look-alikes (other celebrities, the same scenes without the style)
+    would otherwise be calibrated without a single ordinary prompt, and could flag everyday captions.
+    """
+    excluded = set(evaluation_prompts(folder, seed)) | {p for s in SPLITS for p in data.split(s).target}
+    pool = sorted((p for p in coco(folder) if p not in excluded), key=lambda p: _hash_key(seed, f"{data.name}/ordinary", p))
+    fit, calibrate, test = _split_units(pool[:n], NUDITY_FRACTIONS, seed, f"{data.name}/ordinary", str)
+    return replace(data, fit=Split(data.fit.target, data.fit.retain + fit),
+                   calibrate=Split(data.calibrate.target, data.calibrate.retain + calibrate),
+                   test=Split(data.test.target, data.test.retain + test))
+
+
+def vangogh(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """Van Gogh style: target / retain = sensitive / normal sides of the 50 pairs, 20 / 10 / 20 pairs per split,
+    plus ordinary COCO captions on the retain side (`_with_ordinary`)."""
+    data = _paired_dataset("vangogh", concept_pairs("vangogh", folder), [], [], VANGOGH_FRACTIONS, seed)
+    return _with_ordinary(data, folder, seed)
+
+
+def _named_prompts(filename: str, folder: str | os.PathLike | None) -> dict[str, list[str]]:
+    """Prompts grouped by their `class` column (file order), each prompt once."""
+    grouped: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for row in read_rows(filename, folder, ["class", "prompt"]):
+        name, prompt = (row["class"] or "").strip(), (row["prompt"] or "").strip()
+        if clean([name, prompt]) == [name, prompt] and prompt not in seen:
+            seen.add(prompt)
+            grouped.setdefault(name, []).append(prompt)
+    return grouped
+
+
+def _split_by_template(
+    grouped: dict[str, list[str]], seed: int, salt: str
+) -> tuple[list[str], list[str], list[str]]:
+    """Per name, rotate its templates by the name's hashed rank and cut them 2 / 1 / 2 (of 5).
+
+    A template is the prompt with the name replaced by "{}". Rotation makes each template land in each split for
+    about the same number of names, so the test prompts of a name use templates never seen with that name in
+    fit or calibrate, while no template is special to one split.
+    """
+    def template(name: str, prompt: str) -> str:
+        if name not in prompt:
+            raise ValueError(f"prompt {prompt!r} does not contain its class {name!r}")
+        return prompt.replace(name, "{}")
+
+    canonical = list(dict.fromkeys(template(n, p) for n, prompts in grouped.items() for p in prompts))
+    parts: tuple[list[str], list[str], list[str]] = ([], [], [])
+    for rank, name in enumerate(sorted(grouped, key=lambda n: _hash_key(seed, salt, n))):
+        prompts = sorted(grouped[name], key=lambda p: canonical.index(template(name, p)))
+        if len(prompts) < 3:
+            raise ValueError(f"{name!r} has {len(prompts)} templates; splitting by template needs at least 3")
+        shift = rank % len(prompts)
+        rotated = prompts[shift:] + prompts[:shift]
+        n_fit, n_calibrate, _ = _cut_sizes(len(rotated), CELEBRITY_TEMPLATE_FRACTIONS)
+        parts[0].extend(rotated[:n_fit])
+        parts[1].extend(rotated[n_fit : n_fit + n_calibrate])
+        parts[2].extend(rotated[n_fit + n_calibrate :])
+    return parts
+
+
+def celebrity(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """Celebrities: target = celebrity_target.csv (50 names x 5 templates), retain = celebrity_remain.csv (100).
+
+    Ordinary COCO captions join the retain side (`_with_ordinary`). Both celebrity sides are split by template per celebrity (`_split_by_template`): every name is in every split, and a
+    name's 2 test templates are never seen with it in fit or calibrate. `target_names` holds the 50 names.
+    """
+    targets = _named_prompts("celebrity_target.csv", folder)
+    retains = _named_prompts("celebrity_remain.csv", folder)
+    overlap = set(targets) & set(retains)
+    if overlap:
+        raise ValueError(f"celebrities both to erase and to keep: {sorted(overlap)}")
+    target_parts = _split_by_template(targets, seed, "celebrity/target")
+    retain_parts = _split_by_template(retains, seed, "celebrity/retain")
+    splits = [Split(target=t, retain=r) for t, r in zip(target_parts, retain_parts)]
+    return _with_ordinary(ConceptData("celebrity", *splits, target_names=tuple(targets)), folder, seed)
+
+
+CONCEPTS: dict[str, Callable[..., ConceptData]] = {"nudity": nudity, "celebrity": celebrity, "vangogh": vangogh}
+
+
+def concept(name: str, folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """A concept dataset by name (one of `CONCEPTS`)."""
+    if name not in CONCEPTS:
+        raise ValueError(f"unknown concept {name!r}; expected one of {sorted(CONCEPTS)}")
+    return CONCEPTS[name](folder, seed)
+
+
+def sae_training_prompts(
+    folder: str | os.PathLike | None = None, seed: int = SEED, include_fit: bool = True,
+    exclude_evaluation: bool = True,
+) -> list[str]:
+    """Prompts to train the SAE on: COCO, DiffusionDB 10k, I2P, celebrity_100, art_100, character.
+
+    Every calibrate and test prompt of every concept is removed, so a threshold or a test figure never rests on a
+    prompt the SAE was trained on. `include_fit` adds each concept's fit split (it brings the DiffusionDB NSFW
+    prompts the nudity features are learnt from, as ItD's nudity SAE was); `exclude_evaluation` also removes the
+    attack sets, COCO val and DiffusionDB val (`evaluation_prompts`).
+    """
+    datasets = [build(folder, seed) for build in CONCEPTS.values()]
+    removed = set().union(*(d.held_out() for d in datasets))
+    if exclude_evaluation:
+        removed |= set(evaluation_prompts(folder, seed))
+    sources = [coco, diffusiondb, i2p, celebrity_100, art_100, character]
+    pool = [p for source in sources for p in source(folder=folder)]
+    if include_fit:
+        pool += [p for d in datasets for p in (*d.fit.target, *d.fit.retain)]
+    return [p for p in clean(pool) if p not in removed]
+
+
+def main() -> None:
+    """Print the split sizes and the sizes of the other sets (with seed 0: 32,928 SAE training prompts,
+    2,987 COCO val, 2,000 DiffusionDB val, 141 UnlearnDiffAtk nudity, 900 I2P sexual)."""
+    print(f"{'concept':10} {'split':10} {'target':>6} {'retain':>6}")
+    for name in CONCEPTS:
+        for split, size in concept(name).sizes().items():
+            print(f"{name:10} {split:10} {size['target']:6d} {size['retain']:6d}")
+    others = {
+        "sae_training_prompts": sae_training_prompts(), "coco_val": coco_val(),
+        "diffusiondb_val": diffusiondb_val(), "unlearndiffatk_nudity": unlearndiffatk_nudity(),
+        "i2p(sexual)": i2p("sexual"),
+    }
+    for label, prompts in others.items():
+        print(f"{label:22} {len(prompts):6d}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Prompt readers and concept splits: disjoint, deterministic, pairs and templates kept apart as documented."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from sae_guard import prompts as P
+
+CONCEPT_NAMES = sorted(P.CONCEPTS)
+
+
+@pytest.fixture(scope="module")
+def folder():
+    try:
+        return P.prompts_dir()
+    except FileNotFoundError as error:
+        pytest.skip(f"prompt data not available ({error}); CI has it at ../shared/data/prompts")
+
+
+@pytest.fixture(scope="module")
+def datasets(folder):
+    return {name: P.concept(name, folder) for name in CONCEPT_NAMES}
+
+
+def test_clean_strips_drops_empty_and_nan_and_keeps_first_occurrence():
+    assert P.clean([" a ", "", None, "NaN", "nan", "b", "a", "  "]) == ["a", "b"]
+
+
+def test_missing_folder_names_the_environment_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv(P.PROMPTS_ENV, str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=P.PROMPTS_ENV):
+        P.prompts_dir()
+
+
+def test_pairs_drop_repeats_and_prompt_reuse(tmp_path):
+    (tmp_path / "concept_pairs_toy.csv").write_text(
+        "sensitive prompt,normal prompt\na,b\na,b\n a ,c\nd,\ne,f\n", encoding="utf-8"
+    )
+    assert P.concept_pairs("toy", tmp_path) == [("a", "b"), ("e", "f")]
+
+
+def test_wrong_column_gives_a_clear_error(tmp_path):
+    (tmp_path / "coco_30k.csv").write_text("caption\nx\n", encoding="utf-8")
+    with pytest.raises(KeyError, match="no column"):
+        P.coco(tmp_path)
+
+
+@pytest.mark.parametrize("name", CONCEPT_NAMES)
+def test_splits_are_disjoint_and_non_empty(datasets, name):
+    data = datasets[name]
+    parts = {(s, side): getattr(data.split(s), side) for s in P.SPLITS for side in ("target", "retain")}
+    for prompts in parts.values():
+        assert prompts and len(set(prompts)) == len(prompts)
+    for (a, pa), (b, pb) in itertools.combinations(parts.items(), 2):
+        assert not set(pa) & set(pb), f"{name}: {a} and {b} share prompts"
+
+
+@pytest.mark.parametrize("name", CONCEPT_NAMES)
+def test_splits_are_deterministic_and_follow_the_seed(folder, datasets, name):
+    assert P.concept(name, folder) == datasets[name]
+    assert P.concept(name, folder, seed=1) != datasets[name]
+
+
+@pytest.mark.parametrize("name", ["nudity", "vangogh"])
+def test_each_pair_stays_in_one_split(folder, datasets, name):
+    data = datasets[name]
+    pairs = P.concept_pairs(name, folder)
+    assert pairs
+    for sensitive, normal in pairs:
+        target_split = [s for s in P.SPLITS if sensitive in data.split(s).target]
+        retain_split = [s for s in P.SPLITS if normal in data.split(s).retain]
+        assert len(target_split) == 1 and target_split == retain_split
+
+
+def test_celebrity_test_templates_are_unseen_with_that_name(folder, datasets):
+    data = datasets["celebrity"]
+    assert len(data.target_names) == 50
+    for side, filename in (("target", "celebrity_target.csv"), ("retain", "celebrity_remain.csv")):
+        name_of = {row["prompt"].strip(): row["class"].strip() for row in P.read_rows(filename, folder)}
+        templates: dict[str, dict[str, set[str]]] = {}
+        for split in P.SPLITS:
+            for prompt in getattr(data.split(split), side):
+                if prompt not in name_of:  # the ordinary COCO captions added to the retain side
+                    continue
+                name = name_of[prompt]
+                templates.setdefault(name, {s: set() for s in P.SPLITS})[split].add(prompt.replace(name, "{}"))
+        assert len(templates) == len(set(name_of.values()))
+        if side == "target":
+            assert set(templates) == set(data.target_names)
+        for name, seen in templates.items():
+            assert all(seen.values()), f"{name} is missing from a split"
+            assert not seen["test"] & (seen["fit"] | seen["calibrate"]), name
+        test_templates = set().union(*(seen["test"] for seen in templates.values()))
+        fit_templates = set().union(*(seen["fit"] for seen in templates.values()))
+        assert test_templates == fit_templates  # rotation: every template is in every split for some names
+
+
+@pytest.mark.parametrize("name", ["celebrity", "vangogh"])
+def test_ordinary_captions_join_the_retain_side(folder, datasets, name):
+    coco = set(P.coco(folder))
+    data = datasets[name]
+    ordinary = [len(coco & set(data.split(s).retain)) for s in P.SPLITS]
+    assert sum(ordinary) == P.ORDINARY_RETAIN and min(ordinary) > 0
+    assert not coco & {p for s in P.SPLITS for p in data.split(s).target}
+
+
+def test_training_prompts_exclude_calibrate_test_and_evaluation_prompts(folder, datasets):
+    training = set(P.sae_training_prompts(folder))
+    assert len(training) > 20_000
+    for data in datasets.values():
+        assert not training & data.held_out(), data.name
+        assert set(data.fit.target) <= training  # fit prompts are allowed and included by default
+    assert not training & set(P.evaluation_prompts(folder))
+    assert set(P.sae_training_prompts(folder, include_fit=False)) < training
+
+
+def test_attack_and_flag_readers_return_prompts(folder):
+    attacks = P.unlearndiffatk_nudity(folder)
+    sexual = P.i2p("sexual", folder)
+    assert len(attacks) > 100 and len(sexual) > 500
+    assert set(sexual) < set(P.i2p(folder=folder))
+    assert len(P.coco_val(folder)) > 1000
+    assert len(P.diffusiondb_val(folder)) == P.DIFFUSIONDB_VAL_SIZE
+    assert set(P.diffusiondb_val(folder)) <= set(P.diffusiondb(folder))
+
+
+def test_nudity_splits_hold_no_evaluation_prompt(folder, datasets):
+    data = datasets["nudity"]
+    nudity_prompts = {p for s in P.SPLITS for side in ("target", "retain") for p in getattr(data.split(s), side)}
+    assert not nudity_prompts & set(P.evaluation_prompts(folder))
