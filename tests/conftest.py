@@ -66,3 +66,30 @@ def tiny_sd_pipeline(clip_tokenizer):
         scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+T5_WORDS = [
+    "a", "an", "the", "of", "and", "in", "on", "at", "by", "near", "under", "with", "photo", "painting", "zebra",
+    "dog", "cat", "horse", "lion", "tiger", "bird", "fish", "cow", "sheep", "goat", "duck", "bear", "field", "beach",
+    "hill", "snow", "river", "city", "street", "tree", "night", "rain", "farm", "zoo", "sea", "red", "blue",
+]
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer():
+    """A T5-style tokenizer built offline: a Unigram model over whole words (with a "▁" prefix) and
+    single letters, so any lowercase text tokenizes; `<pad>`=0, `</s>`=1 appended, `<unk>`=2, 512 long."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -3.0) for word in T5_WORDS]
+    pieces += [(c, -6.0) for c in letters] + [("\u2581" + c, -6.0) for c in letters]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
+                                                           special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                   model_max_length=512)
