@@ -1,0 +1,54 @@
+"""AbsTopK SAE (Zhu, Khalili, Zhu 2025, "AbsTopK: Rethinking Sparse Autoencoders For Bidirectional
+Features", arXiv 2510.00404).
+
+Seen as one unrolled proximal step of sparse coding, TopK is hard thresholding under a non-negativity
+constraint; dropping that constraint gives AbsTopK: keep the k largest |pre| and keep their sign, with
+no ReLU. One latent can then encode both poles of a concept (e.g. formal vs informal) along a single
+direction, instead of splitting it across two non-negative latents.
+
+`selection="token"` (default, the paper's formulation) keeps k per token. `selection="batch"` (the
+authors' public trainer) keeps the k * B largest |pre| of the batch, and at inference every |pre|
+above a learned threshold, as BatchTopK does. AuxK ranks dead latents by |pre| and keeps signs too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..codes import SparseCodes
+from ..registry import register
+from ..sparsifiers import abs_topk
+from .batchtopk import BatchTopKConfig, BatchTopKSAE
+
+SELECTIONS = ("token", "batch")
+
+
+@dataclass
+class AbsTopKConfig(BatchTopKConfig):
+    selection: str = "token"  # "token": k per token; "batch": k * B per batch, threshold at inference
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.selection == "token" and int(self.k) != self.k:
+            raise ValueError(f"per-token selection needs an integer k, got {self.k}")
+
+
+@register("abstopk")
+class AbsTopKSAE(BatchTopKSAE):
+    config_class = AbsTopKConfig
+    cfg: AbsTopKConfig
+    signed = True
+
+    @property
+    def batch_level(self) -> bool:
+        return self.cfg.selection == "batch"
+
+    def select_batch(self, pre: Tensor) -> SparseCodes:
+        return super().select_batch(pre) if self.batch_level else abs_topk(pre, int(self.cfg.k))
+
+    def select_inference(self, pre: Tensor) -> SparseCodes:
+        return super().select_inference(pre) if self.batch_level else abs_topk(pre, int(self.cfg.k))

@@ -1,0 +1,125 @@
+"""BatchTopK SAE (Bussmann, Leask, Nanda 2024, "BatchTopK Sparse Autoencoders", arXiv 2412.06410).
+
+In training the batch shares one sparsity budget: the k * B largest activations of the whole (B, d_sae)
+matrix are kept, so hard tokens use more latents than easy ones while L0 averages exactly k. That
+selection depends on the rest of the batch, so inference instead keeps every activation above one
+threshold θ (a JumpReLU with a shared threshold), learned during training as an exponential moving
+average of the smallest kept activation of each batch and saved as the buffer `threshold`.
+
+Choices: the EMA starts from the first batch's value (dictionary_learning) rather than from 0, and
+updates every step with decay `threshold_decay` = 0.95 (Bussmann: 0.99): the kept minimum is the (k * B)-th
+largest activation, a quantile that varies little between batches, so a short memory costs little noise
+and lets short runs forget the large activations of the first steps. Dead latents are revived by AuxK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..base import SAE
+from ..codes import SparseCodes, sparse_decode
+from ..config import SAEConfig
+from ..losses import Step, auxk, fvu
+from ..registry import register
+from ..sparsifiers import batch_topk, mask_to_codes
+
+
+@dataclass
+class BatchTopKConfig(SAEConfig):
+    k: float = 32  # average active latents per token (the batch budget is k * B)
+    k_aux: int | None = None  # training: None -> d_in // 2
+    auxk_coef: float = 1 / 32  # training
+    threshold_decay: float = 0.95  # training: EMA decay of the inference threshold, per step
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k must be in (0, d_sae={self.d_sae}], got {self.k}")
+        if self.auxk_coef < 0:
+            raise ValueError(f"auxk_coef must be >= 0, got {self.auxk_coef}")
+        if not 0 <= self.threshold_decay < 1:
+            raise ValueError(f"threshold_decay must be in [0, 1), got {self.threshold_decay}")
+
+
+@register("batchtopk")
+class BatchTopKSAE(SAE):
+    """Batch-level top-k in training; a learned threshold at inference. Subclasses change the selection."""
+
+    config_class = BatchTopKConfig
+    cfg: BatchTopKConfig
+    signed = False  # codes keep their sign (AbsTopK) instead of passing through a ReLU
+
+    def __init__(self, cfg: BatchTopKConfig) -> None:
+        super().__init__(cfg)
+        if self.batch_level:
+            # 0 means "not learned yet": inference then keeps every positive activation
+            self.register_buffer("threshold", torch.zeros(self.threshold_shape))
+
+    @property
+    def batch_level(self) -> bool:
+        """Whether training selection depends on the batch (and inference therefore on `threshold`)."""
+        return True
+
+    @property
+    def threshold_shape(self) -> tuple[int, ...]:
+        return (1,)
+
+    @property
+    def k_aux(self) -> int:
+        return self.cfg.k_aux or max(1, self.d_in // 2)
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return pre if self.signed else F.relu(pre)
+
+    def select_batch(self, pre: Tensor) -> SparseCodes:
+        """Training selection over the whole batch; values are the activated pre-activations."""
+        return batch_topk(self.activate(pre), self.cfg.k, by_abs=self.signed)
+
+    def select_inference(self, pre: Tensor) -> SparseCodes:
+        """Batch-independent selection: every activation whose magnitude exceeds the threshold."""
+        values = self.activate(pre)
+        return mask_to_codes(values, (values.abs() if self.signed else values) > self.threshold)
+
+    def encode_sparse(self, x: Tensor) -> SparseCodes:
+        return self.select_inference(self.pre_acts(self.check_input(x)))
+
+    def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
+        pre = self.training_preacts(x)
+        with torch.no_grad():
+            chosen = self.select_batch(pre)
+        kept = chosen.values != 0
+        values = self.activate(self.gather_preacts(x, pre, chosen.indices)) * kept
+        codes = SparseCodes(values, chosen.indices)
+        step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec, codes, pre, dead_mask)
+        self.add_auxk(step, self.k_aux, signed=self.signed)
+        return step
+
+    def loss_terms(self):
+        return {"fvu": (1.0, fvu), "auxk": (self.cfg.auxk_coef, auxk)}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: Step) -> None:
+        super().after_optimizer_step(step)
+        if self.batch_level:
+            self.update_threshold(step.codes)
+
+    @torch.no_grad()
+    def kept_minimum(self, codes: SparseCodes) -> tuple[Tensor, Tensor]:
+        """The smallest kept magnitude of this batch, and whether there was any (per threshold entry)."""
+        magnitudes = codes.values.detach().abs().float()
+        kept = magnitudes > 0
+        smallest = magnitudes.masked_fill(~kept, float("inf")).amin().reshape(1)
+        return smallest, kept.any().reshape(1)
+
+    @torch.no_grad()
+    def update_threshold(self, codes: SparseCodes) -> None:
+        """EMA of the smallest kept activation; the first observation initialises it."""
+        smallest, seen = self.kept_minimum(codes)
+        smallest = smallest.to(self.threshold)
+        decay = self.cfg.threshold_decay
+        ema = torch.where(self.threshold > 0, decay * self.threshold + (1 - decay) * smallest, smallest)
+        self.threshold.copy_(torch.where(seen, ema, self.threshold))

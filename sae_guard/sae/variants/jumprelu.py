@@ -1,0 +1,159 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction Fidelity with
+JumpReLU Sparse Autoencoders", arXiv 2407.14435).
+
+Each latent has its own learned threshold θ: codes = pre * 1[pre > θ], so a latent either fires at its
+full pre-activation or not at all (no L1 shrinkage). The step is not differentiable, so θ learns
+through straight-through estimators with a rectangle kernel of width ε, and sparsity is an L0 penalty.
+
+Choices the paper leaves open, and why:
+- Sparsity: with `target_l0` set, the penalty is (L0 / target_l0 - 1)^2 (dictionary_learning's
+  target-L0 form), which needs no per-dataset search for λ; with `target_l0=None` it is the paper's
+  λ·L0 (`l0_coef`). Both are per token against the batch FVU, so they do not depend on activation scale.
+- Scale: θ is initialised per latent at the pre-activation quantile that gives `target_l0`
+  (or `init_l0`) firings per token, and ε is `bandwidth` times the batch's RMS deviation
+  (the paper's ε = 0.001 on activations normalised to unit mean squared norm).
+- θ is learned in log space (Adam on log θ, so its steps are relative and scale-free) while the
+  parameter `threshold` always holds θ itself, which is what is saved and what SAELens's files hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..base import SAE
+from ..codes import SparseCodes, dense_to_sparse, sparse_decode
+from ..config import SAEConfig
+from ..losses import Step, auxk, batch_variance, fvu, l0
+from ..registry import register
+from ..sparsifiers import mask_to_codes
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    target_l0: float | None = None  # training: aim for this L0 with (L0/target - 1)^2; None -> lambda * L0
+    target_coef: float = 1.0  # training: weight of the target-L0 penalty
+    l0_coef: float = 1e-3  # training: the paper's lambda, used when target_l0 is None
+    init_l0: float = 32.0  # training: expected L0 at initialisation when target_l0 is None
+    bandwidth: float = 1e-3  # training: STE kernel width epsilon, relative to the batch RMS deviation
+    threshold_lr_mult: float = 20.0  # training: learning rate of log(threshold) relative to the weights
+    k_aux: int | None = None  # training: AuxK latents for dead latents; None -> d_in // 2
+    auxk_coef: float = 1 / 32  # training
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_l0 is not None and not 0 < self.target_l0 < self.d_sae:
+            raise ValueError(f"target_l0 must be in (0, d_sae={self.d_sae}), got {self.target_l0}")
+        if not 0 < self.init_l0 < self.d_sae:
+            raise ValueError(f"init_l0 must be in (0, d_sae={self.d_sae}), got {self.init_l0}")
+        for name in ("target_coef", "l0_coef", "auxk_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("bandwidth", "threshold_lr_mult"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * 1[pre > θ]; d/dpre = 1[pre > θ], d/dθ = -(θ/ε) K((pre - θ)/ε) with K the unit rectangle."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
+        ctx.save_for_backward(pre, threshold, bandwidth)
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold, bandwidth = ctx.saved_tensors
+        kernel = ((pre - threshold).abs() < bandwidth / 2).to(grad.dtype) / bandwidth
+        return grad * (pre > threshold), -threshold * kernel * grad, None
+
+
+class _Step(torch.autograd.Function):
+    """1[pre > θ]; no gradient to pre (as in the paper), d/dθ = -(1/ε) K((pre - θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
+        ctx.save_for_backward(pre, threshold, bandwidth)
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold, bandwidth = ctx.saved_tensors
+        kernel = ((pre - threshold).abs() < bandwidth / 2).to(grad.dtype) / bandwidth
+        return None, -kernel * grad, None
+
+
+def l0_target(step: Step) -> Tensor:
+    """(L0 / target_l0 - 1)^2 with the straight-through L0: zero at the target, growing either side."""
+    return (step.extras["l0"].mean() / step.sae.cfg.target_l0 - 1).pow(2)
+
+
+@register("jumprelu")
+class JumpReLUSAE(SAE):
+    config_class = JumpReLUConfig
+    cfg: JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig) -> None:
+        super().__init__(cfg)
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), 1e-3))
+        self._threshold_before_step: Tensor | None = None
+
+    @property
+    def k_aux(self) -> int:
+        return self.cfg.k_aux or max(1, self.d_in // 2)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """b_dec as usual; then each θ at the quantile of its pre-activations that fires init_l0 per token."""
+        super().init_from_data(x)
+        sample = x[:8192].to(self.W_enc)
+        rate = (self.cfg.target_l0 or self.cfg.init_l0) / self.d_sae
+        rank = max(1, round(rate * sample.shape[0]))
+        quantile = self.pre_acts(sample).topk(rank, dim=0).values[-1]
+        floor = 1e-3 * batch_variance(sample).sqrt()
+        self.threshold.copy_(quantile.clamp_min(floor.item()))
+
+    def encode_sparse(self, x: Tensor) -> SparseCodes:
+        pre = self.pre_acts(self.check_input(x))
+        return dense_to_sparse(pre * (pre > self.threshold))
+
+    def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
+        """Sparse pass over the latents that fire or sit within ε/2 below θ (the only ones with θ gradient)."""
+        bandwidth = self.cfg.bandwidth * batch_variance(x).detach().sqrt().clamp_min(1e-12)
+        pre = self.training_preacts(x)
+        indices = mask_to_codes(pre, pre > self.threshold.detach() - bandwidth / 2).indices
+        values = self.gather_preacts(x, pre, indices)
+        threshold = self.threshold[indices]
+        codes = SparseCodes(_JumpReLU.apply(values, threshold, bandwidth), indices)
+        step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec, codes, pre, dead_mask)
+        step.extras["l0"] = _Step.apply(values, threshold, bandwidth).sum(-1)
+        self.add_auxk(step, self.k_aux)
+        return step
+
+    def loss_terms(self):
+        if self.cfg.target_l0 is not None:
+            sparsity = {"l0_target": (self.cfg.target_coef, l0_target)}
+        else:
+            sparsity = {"l0": (self.cfg.l0_coef, l0)}
+        return {"fvu": (1.0, fvu), **sparsity, "auxk": (self.cfg.auxk_coef, auxk)}
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Turn θ's gradient into the gradient of log θ, so Adam's step on it is a step in log θ."""
+        super().before_optimizer_step()
+        if self.threshold.grad is not None:
+            self.threshold.grad *= self.threshold
+        self._threshold_before_step = self.threshold.detach().clone()
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: Step) -> None:
+        """Apply Adam's step multiplicatively: θ <- θ · exp(-mult · Δlog θ), which keeps θ > 0."""
+        super().after_optimizer_step(step)
+        before = self._threshold_before_step
+        if before is not None:
+            log_step = before - self.threshold
+            self.threshold.copy_(before * torch.exp(-self.cfg.threshold_lr_mult * log_step))
+            self._threshold_before_step = None

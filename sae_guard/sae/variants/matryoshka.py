@@ -1,0 +1,102 @@
+"""Matryoshka SAE (Bussmann, Nabeshima, Karvonen, Nanda 2025, "Learning Multi-Level Features with
+Matryoshka Sparse Autoencoders", arXiv 2503.17547).
+
+The dictionary is split into nested prefix groups, and every prefix (the first group, the first two,
+..., the whole dictionary) must reconstruct the input on its own. Early latents are therefore pushed
+to hold general, high-level features and later ones to refine them, which reduces feature absorption
+and splitting as the dictionary grows. Codes come from BatchTopK over the whole dictionary (with its
+learned inference threshold); the loss is the weighted mean of the prefixes' FVUs, plus AuxK.
+
+Choices: group sizes default to the paper's fractions [1/16, 1/16, 1/8, 1/4, 1/2] of d_sae (the last
+group takes the rounding remainder) and are stored as integers; weights default to uniform. The
+b_dec-only "prefix 0" term of Bussmann's code is left out: it only trains b_dec, which b_dec's geometric
+median initialisation already places.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..losses import Step, auxk, fvu, fvu_of
+from ..registry import register
+from .batchtopk import BatchTopKConfig, BatchTopKSAE
+
+DEFAULT_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
+@dataclass
+class MatryoshkaConfig(BatchTopKConfig):
+    group_sizes: list[int] | None = None  # latents per nested group; None -> DEFAULT_FRACTIONS of d_sae
+    group_weights: list[float] | None = None  # training: loss weight per prefix; None -> uniform
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_sizes is None:
+            sizes = [max(1, round(f * self.d_sae)) for f in DEFAULT_FRACTIONS[:-1]]
+            sizes = [s for s in sizes if s < self.d_sae]
+            while sum(sizes) >= self.d_sae:
+                sizes.pop()
+            self.group_sizes = sizes + [self.d_sae - sum(sizes)]
+        self.group_sizes = [int(s) for s in self.group_sizes]
+        if any(s <= 0 for s in self.group_sizes) or sum(self.group_sizes) != self.d_sae:
+            raise ValueError(f"group_sizes must be positive and sum to d_sae={self.d_sae}, got {self.group_sizes}")
+        if self.group_weights is not None:
+            if len(self.group_weights) != len(self.group_sizes) or any(w < 0 for w in self.group_weights):
+                raise ValueError(
+                    f"group_weights needs one non-negative weight per group ({len(self.group_sizes)}), "
+                    f"got {self.group_weights}"
+                )
+            if sum(self.group_weights) <= 0:
+                raise ValueError("group_weights must not all be zero")
+
+
+def inner_prefix_fvu(step: Step) -> Tensor:
+    """Weighted FVU of the reconstructions from every prefix but the whole dictionary."""
+    weights = step.sae.prefix_weights()
+    terms = [w * fvu_of(step.x, recon) for w, recon in zip(weights[:-1], step.extras["prefix_recons"])]
+    return torch.stack(terms).sum() if terms else step.x.new_zeros(())
+
+
+@register("matryoshka")
+class MatryoshkaSAE(BatchTopKSAE):
+    config_class = MatryoshkaConfig
+    cfg: MatryoshkaConfig
+
+    @property
+    def prefix_ends(self) -> list[int]:
+        """Exclusive end index of each nested prefix."""
+        ends, total = [], 0
+        for size in self.cfg.group_sizes:
+            total += size
+            ends.append(total)
+        return ends
+
+    def prefix_weights(self) -> list[float]:
+        weights = self.cfg.group_weights or [1.0] * len(self.cfg.group_sizes)
+        return [w / sum(weights) for w in weights]
+
+    def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
+        """BatchTopK's pass, plus the reconstruction of every inner prefix, built group by group.
+
+        The groups are decoded as dense slices: one dense decode in all, cheaper than one sparse decode
+        (and its backward) per prefix.
+        """
+        step = super().training_forward(x, dead_mask)
+        dense = step.codes.to_dense(self.d_sae)
+        partial, start, recons = self.b_dec, 0, []
+        for end in self.prefix_ends[:-1]:
+            partial = partial + dense[:, start:end] @ self.W_dec[start:end]
+            recons.append(partial)
+            start = end
+        step.extras["prefix_recons"] = recons
+        return step
+
+    def loss_terms(self):
+        return {
+            "fvu": (self.prefix_weights()[-1], fvu),
+            "inner_fvu": (1.0, inner_prefix_fvu),
+            "auxk": (self.cfg.auxk_coef, auxk),
+        }

@@ -1,0 +1,58 @@
+"""Standard ReLU SAE with an L1 penalty (Bricken et al. 2023, "Towards Monosemanticity"; with the
+decoder-norm-weighted L1 of Anthropic's April 2024 update, as in SAELens's `standard` architecture).
+
+Codes are ReLU(W_enc (x - b_dec) + b_enc), and sparsity comes from an L1 penalty on the codes weighted
+by the decoder row norms. As in that update (and SAELens v6), decoder rows are not projected to unit
+norm: the weighting already stops the penalty being dodged by shrinking codes and growing rows, and
+SAEs loaded from SAELens, whose rows are not unit norm, keep their function when fine-tuned. It is the
+baseline the other variants are measured against; its L1 shrinks every active code toward zero, which
+JumpReLU, Gated and TopK exist to avoid.
+
+Scale: `losses.l1_decoder_weighted` divides the L1 by the batch's RMS deviation, so with the batch FVU
+as reconstruction the penalty shrinks each active code by about `l1_coef / 2` of that RMS deviation,
+whatever the activations' scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..base import SAE
+from ..codes import SparseCodes, dense_to_sparse, sparse_decode
+from ..config import SAEConfig
+from ..losses import Step, fvu, l1_decoder_weighted
+from ..registry import register
+from ..sparsifiers import mask_to_codes
+
+
+@dataclass
+class ReLUConfig(SAEConfig):
+    l1_coef: float = 0.1  # training: weight of the decoder-norm-weighted L1 (per unit RMS deviation)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.l1_coef < 0:
+            raise ValueError(f"l1_coef must be >= 0, got {self.l1_coef}")
+
+
+@register("relu")
+class ReLUSAE(SAE):
+    config_class = ReLUConfig
+    cfg: ReLUConfig
+    unit_norm_decoder = False
+
+    def encode_sparse(self, x: Tensor) -> SparseCodes:
+        return dense_to_sparse(F.relu(self.pre_acts(self.check_input(x))))
+
+    def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
+        """Gradient only through the latents that fire (sparse backward)."""
+        pre = self.training_preacts(x)
+        indices = mask_to_codes(pre, pre > 0).indices
+        codes = SparseCodes(F.relu(self.gather_preacts(x, pre, indices)), indices)
+        return Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec, codes, pre, dead_mask)
+
+    def loss_terms(self):
+        return {"fvu": (1.0, fvu), "l1": (self.cfg.l1_coef, l1_decoder_weighted)}

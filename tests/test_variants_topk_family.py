@@ -1,0 +1,249 @@
+"""The TopK family: selection operators and the batchtopk, abstopk, matryoshka, mutual_choice,
+feature_choice and top_afa variants (L0, batch independence, thresholds, signs, nested groups,
+capacities, and that a short run lowers the FVU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sae_guard
+from sae_guard import SAE
+from sae_guard.sae.metrics import evaluate
+from sae_guard.sae.sparsifiers import (
+    abs_topk, afa_topk, batch_topk, batch_topk_mask, column_capacity_mask, mask_to_codes, row_topk,
+)
+from sae_guard.sae.variants.matryoshka import inner_prefix_fvu
+from sae_guard.sae.variants.mutual_choice import aux_zipf_loss, zipf_capacities
+from sae_guard.synthetic import planted
+
+D_IN, D_SAE, K, BATCH = 16, 64, 3, 256
+BATCH_LEVEL = ["batchtopk", "mutual_choice", "feature_choice", "matryoshka", "abstopk:batch"]
+
+
+def data():
+    return planted(d=D_IN, n_atoms=32, active=K, seed=1, batch_size=BATCH)
+
+
+def make(spec: str) -> SAE:
+    """`arch` or `arch:selection` (AbsTopK's batch mode)."""
+    arch, _, selection = spec.partition(":")
+    torch.manual_seed(0)
+    kwargs = {} if arch == "top_afa" else {"k": K}
+    if selection:
+        kwargs["selection"] = selection
+    return SAE.create(arch, d_in=D_IN, d_sae=D_SAE, **kwargs)
+
+
+_TRAINED: dict[str, tuple[SAE, float, float]] = {}
+
+
+def trained(spec: str) -> tuple[SAE, float, float]:
+    """The SAE after a short run, with its held-out FVU before and after (cached per module)."""
+    if spec not in _TRAINED:
+        ds = data()
+        held_out = ds.sample(2048, torch.Generator().manual_seed(99))[0]
+        sae = make(spec)
+        sae.init_from_data(ds.batch(0))
+        before = evaluate(sae, held_out)["fvu"]
+        sae, _ = sae_guard.train(sae, ds, tokens=BATCH * 120, batch_size=BATCH, progress=False)
+        _TRAINED[spec] = (sae, before, evaluate(sae, held_out)["fvu"])
+    return _TRAINED[spec]
+
+
+# ---------------------------------------------------------------------------------- sparsifiers
+def test_batch_topk_mask_is_exact_on_both_paths():
+    torch.manual_seed(0)
+    for shape, k in [((9, 7), 2.0), ((512, 300), 4.0)]:  # the second is large enough for the sampled pre-filter
+        scores = torch.randn(shape)
+        budget = round(k * shape[0])
+        expected = torch.zeros(scores.numel(), dtype=torch.bool)
+        expected[scores.reshape(-1).topk(budget).indices] = True
+        mask = batch_topk_mask(scores, k)
+        assert torch.equal(mask.reshape(-1), expected)
+        assert mask.sum() == budget
+
+
+def test_batch_topk_codes_drop_zeros_and_pad_with_zeros():
+    values = F.relu(torch.tensor([[3.0, -1.0, 2.0, 0.5], [-1.0, -2.0, -3.0, 0.1], [0.2, 0.3, 4.0, 5.0]]))
+    codes = batch_topk(values, 2.0)  # a budget of 6 of the 8 positive entries
+    dense = codes.to_dense(4)
+    expected = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(dense != 0, expected)
+    assert torch.equal(dense, values * expected)
+    assert codes.k == 3 and (codes.values[1] == 0).all()
+
+
+def test_mask_to_codes_roundtrips_any_leading_shape():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10)
+    mask = x > 0.7
+    codes = mask_to_codes(x, mask)
+    assert codes.values.shape[:-1] == (2, 3) and codes.k == int(mask.sum(-1).max())
+    torch.testing.assert_close(codes.to_dense(10), x * mask)
+
+
+def test_row_and_abs_topk():
+    pre = torch.tensor([[0.1, -5.0, 2.0, -0.2], [1.0, 0.5, -3.0, 4.0]])
+    assert set(row_topk(pre, 2)[0].tolist()) == {0, 2}
+    codes = abs_topk(pre, 2)
+    torch.testing.assert_close(codes.to_dense(4), torch.tensor([[0.0, -5.0, 2.0, 0.0], [0.0, 0.0, -3.0, 4.0]]))
+
+
+def test_column_capacity_mask_gives_each_feature_its_top_rows():
+    torch.manual_seed(0)
+    scores = torch.randn(20, 5)
+    capacities = torch.tensor([0, 1, 3, 20, 7])
+    mask = column_capacity_mask(scores, capacities)
+    assert mask.sum(0).tolist() == capacities.tolist()
+    for i, m in enumerate(capacities.tolist()):
+        assert set(mask[:, i].nonzero().flatten().tolist()) == set(scores[:, i].topk(m).indices.tolist())
+
+
+def test_afa_topk_picks_the_prefix_whose_norm_matches():
+    contributions = torch.tensor([[9.0, 16.0, 0.0, 1.0], [4.0, 0.0, 0.0, 0.0]])  # cumulative norms 4, 5, 5.1
+    indices, keep = afa_topk(contributions, torch.tensor([5.0, 100.0]))
+    assert keep.sum(-1).tolist() == [2, 1]  # |(4,3)| = 5 matches; the second row keeps its best (k >= 1)
+    assert indices[0, :2].tolist() == [1, 0]
+    assert keep.shape == indices.shape == (2, 2)
+
+
+# ---------------------------------------------------------------------------------- variants
+@pytest.mark.parametrize("spec", ["batchtopk", "mutual_choice", "matryoshka", "abstopk:batch"])
+def test_batch_level_training_keeps_k_per_token_on_average(spec):
+    sae = make(spec)
+    x = data().batch(3)
+    step = sae.training_forward(x)
+    per_token = (step.codes.values != 0).sum(-1)
+    assert per_token.sum() == K * BATCH
+    assert per_token.max() > per_token.min()  # the budget is shared, not fixed per token
+
+
+@pytest.mark.parametrize("spec", BATCH_LEVEL)
+def test_threshold_is_learned_and_inference_is_batch_independent(spec, tmp_path):
+    sae, _, _ = trained(spec)
+    assert (sae.threshold > 0).any()
+    x = data().sample(64, torch.Generator().manual_seed(5))[0]
+    together = sae.encode(x)
+    alone = torch.cat([sae.encode(x[i : i + 1]) for i in range(len(x))])
+    assert torch.equal(together != 0, alone != 0)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    l0 = (together != 0).sum(-1).float().mean().item()
+    assert 0.5 * K < l0 < 2 * K  # the threshold reproduces roughly the training sparsity
+    sae.save(tmp_path / "sae")
+    loaded = SAE.load(tmp_path / "sae")
+    torch.testing.assert_close(loaded.threshold, sae.threshold, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.encode(x), together, atol=0, rtol=0)
+
+
+def test_threshold_ema_starts_from_first_batch_then_moves_slowly():
+    sae = make("batchtopk")
+    x = data().batch(0)
+    smallest = lambda step: step.codes.values[step.codes.values > 0].min()  # noqa: E731
+    first = sae.training_forward(x)
+    sae.update_threshold(first.codes)
+    torch.testing.assert_close(sae.threshold, smallest(first).reshape(1))
+    second = sae.training_forward(2 * x)
+    sae.update_threshold(second.codes)
+    expected = 0.95 * smallest(first) + 0.05 * smallest(second)
+    torch.testing.assert_close(sae.threshold, expected.reshape(1))
+
+
+@pytest.mark.parametrize("spec", ["batchtopk", "abstopk", "abstopk:batch", "matryoshka", "mutual_choice",
+                                  "feature_choice", "top_afa"])
+def test_short_training_lowers_fvu(spec):
+    _, before, after = trained(spec)
+    assert after < 0.5 * before and after < 0.6
+
+
+def test_abstopk_keeps_signs_and_exactly_k_per_token():
+    sae, _, _ = trained("abstopk")
+    x = data().sample(128, torch.Generator().manual_seed(6))[0]
+    codes = sae.encode_sparse(x)
+    assert ((codes.values != 0).sum(-1) == K).all()
+    pre = sae.pre_acts(x)
+    torch.testing.assert_close(codes.values, pre.gather(-1, codes.indices))  # no ReLU
+    assert (codes.values < 0).any() and (codes.values > 0).any()
+    smallest_kept = codes.values.abs().amin(-1, keepdim=True)
+    dense = sae.encode(x)
+    assert (pre.abs()[dense == 0].reshape(len(x), -1) <= smallest_kept).all()  # the k largest |pre|
+    assert not hasattr(sae, "threshold")  # per-token selection needs none
+
+
+def test_abstopk_validates_selection():
+    with pytest.raises(ValueError, match="selection"):
+        SAE.create("abstopk", d_in=4, d_sae=8, k=2, selection="row")
+
+
+def test_matryoshka_groups_and_nested_losses():
+    sae = make("matryoshka")
+    assert sae.cfg.group_sizes == [4, 4, 8, 16, 32] and sae.prefix_ends == [4, 8, 16, 32, 64]
+    x = data().batch(1)
+    step = sae.training_forward(x)
+    values, indices = step.codes
+    dense = step.codes.to_dense(D_SAE)
+    for end, recon in zip(sae.prefix_ends, step.extras["prefix_recons"]):
+        torch.testing.assert_close(recon, dense[:, :end] @ sae.W_dec[:end] + sae.b_dec, atol=1e-5, rtol=1e-5)
+    terms = sae.loss_terms()
+    assert terms["fvu"][0] == pytest.approx(1 / 5)
+    weighted = sum(w * ((x - r).pow(2).sum(-1).mean()) for w, r in zip([0.2] * 4, step.extras["prefix_recons"]))
+    weighted = weighted / (x - x.mean(0)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(inner_prefix_fvu(step), weighted)
+
+
+def test_matryoshka_rejects_groups_that_do_not_cover_the_dictionary():
+    with pytest.raises(ValueError, match="sum to d_sae"):
+        SAE.create("matryoshka", d_in=4, d_sae=8, k=2, group_sizes=[2, 2])
+    with pytest.raises(ValueError, match="group_weights"):
+        SAE.create("matryoshka", d_in=4, d_sae=8, k=2, group_sizes=[4, 4], group_weights=[1.0])
+
+
+def test_zipf_capacities_follow_density_ranks_and_cap():
+    density = torch.tensor([0.0, 0.5, 0.1, 0.3])
+    capacities = zipf_capacities(density, total=100, exponent=1.0, cap=1000)
+    assert capacities.argsort(descending=True).tolist() == [1, 3, 2, 0]
+    assert abs(int(capacities.sum()) - 100) <= 4
+    capped = zipf_capacities(density, total=100, exponent=1.0, cap=30)
+    assert capped.max() <= 30 and capped.sum() >= 96  # what the cap cuts goes to the others
+
+
+def test_feature_choice_respects_capacities_and_learns_per_feature_thresholds():
+    sae = make("feature_choice")
+    x = data().batch(2)
+    capacities = sae.capacities(BATCH)
+    step = sae.training_forward(x)
+    per_feature = torch.bincount(step.codes.indices[step.codes.values != 0], minlength=D_SAE)
+    assert (per_feature <= capacities).all()
+    assert abs(int(capacities.sum()) - K * BATCH) <= D_SAE
+    trained_sae, _, _ = trained("feature_choice")
+    assert trained_sae.threshold.shape == (D_SAE,)
+    assert trained_sae.threshold.unique().numel() > 1
+    assert (trained_sae.feature_density > 0).sum() > D_SAE // 2
+
+
+def test_aux_zipf_trains_under_used_latents():
+    sae = make("mutual_choice")
+    sae.feature_density.copy_(torch.linspace(0.5, 0.0, D_SAE))  # the tail fires far below Zipf
+    flagged = sae.underused_mask()
+    assert flagged[-1] and not flagged[0]
+    step = sae.training_forward(data().batch(0))
+    assert "aux_zipf_recon" in step.extras and "auxk_recon" not in step.extras
+    loss = aux_zipf_loss(step)
+    assert loss > 0
+    loss.backward()
+    grad_rows = sae.W_dec.grad.abs().sum(-1) > 0
+    assert grad_rows[flagged].any()
+
+
+def test_top_afa_chooses_k_per_token_from_the_norm():
+    sae, _, _ = trained("top_afa")
+    x = data().sample(256, torch.Generator().manual_seed(7))[0]
+    codes = sae.encode_sparse(x)
+    l0 = (codes.values != 0).sum(-1)
+    assert l0.min() < l0.max()  # data-dependent k
+    f_norm = codes.values.norm(dim=-1)
+    x_norm = (x - sae.b_dec).norm(dim=-1)
+    relative_gap = ((f_norm - x_norm).abs() / x_norm).median()
+    assert relative_gap < 0.3  # the AFA: |f| ~ |x - b_dec|
+    torch.testing.assert_close(sae.encode(x[:5]), sae.encode(x)[:5], atol=1e-5, rtol=1e-5)
