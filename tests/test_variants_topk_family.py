@@ -222,18 +222,21 @@ def test_feature_choice_respects_capacities_and_learns_per_feature_thresholds():
     assert (trained_sae.feature_density > 0).sum() > D_SAE // 2
 
 
-def test_aux_zipf_trains_under_used_latents():
+def test_aux_zipf_teaches_under_used_latents_when_to_fire():
     sae = make("mutual_choice")
-    sae.feature_density.copy_(torch.linspace(0.5, 0.0, D_SAE))  # the tail fires far below Zipf
+    sae.feature_density.copy_(0.5 * torch.linspace(1.0, 0.0, D_SAE).pow(4))  # the tail fires far below Zipf
     flagged = sae.underused_mask()
     assert flagged[-1] and not flagged[0]
-    step = sae.training_forward(data().batch(0))
-    assert "aux_zipf_recon" in step.extras and "auxk_recon" not in step.extras
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[-1] = True
+    step = sae.training_forward(data().batch(0), dead)
+    assert "auxk_recon" in step.extras  # dead latents keep AuxK
     loss = aux_zipf_loss(step)
     assert loss > 0
     loss.backward()
-    grad_rows = sae.W_dec.grad.abs().sum(-1) > 0
-    assert grad_rows[flagged].any()
+    trained_rows = sae.W_enc.grad.abs().sum(-1) > 0
+    assert trained_rows[flagged & ~dead].any() and not trained_rows[~flagged | dead].any()
+    assert sae.W_dec.grad is None  # what an under-used feature means stays fixed
 
 
 def test_top_afa_chooses_k_per_token_from_the_norm():

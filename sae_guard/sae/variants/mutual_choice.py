@@ -7,8 +7,8 @@ Sparse coding as allocation: a batch of B tokens has a budget of k * B token-fea
 - Feature Choice: each feature i takes at most m_i tokens, its top m_i in the batch, with capacities
   following a Zipf law over features ranked by how often they fire, sum m_i = k * B. No feature can be
   starved of tokens, which is how the paper reaches ~0 dead latents.
-- aux_zipf_loss generalises AuxK from dead latents to under-used ones: every latent firing less than
-  `zipf_tolerance` times the Zipf density expected at its rank learns to reconstruct the residual.
+- aux_zipf_loss generalises AuxK from dead latents to under-used ones: latents firing less than
+  `zipf_tolerance` times the Zipf density expected at their rank learn to reconstruct the residual.
 
 The paper's exact formulas are not public in code, so these are the choices made here:
 - Zipf law: expected density of the rank-r feature (r = 1 densest) is k * r^-a / sum_j j^-a, with
@@ -19,21 +19,22 @@ The paper's exact formulas are not public in code, so these are the choices made
 - Inference must not depend on the batch, so, as in BatchTopK, thresholds learned during training as
   an EMA of the smallest kept activation replace the batch selection: one shared threshold for Mutual
   Choice, one per feature (shape (d_sae,), a JumpReLU) for Feature Choice, whose selection is per feature.
-- aux_zipf_loss is AuxK (top-k_aux of the flagged latents decode the residual, variance-normalised)
-  over dead or under-used latents, weighted by `auxk_coef`.
+- Dead latents keep BatchTopK's AuxK. aux_zipf_loss is AuxK's formula (the top-k_aux flagged latents
+  decode the residual, variance-normalised) over the latents that fire but too rarely, with their
+  decoder rows held fixed: an under-used feature should learn to fire more often, not change what it
+  means. (Sharing AuxK's k_aux slots with them instead left the dead latents crowded out: 36% dead.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..codes import SparseCodes
-from ..losses import Step, fvu, fvu_of
+from ..codes import SparseCodes, sparse_decode
+from ..losses import Step, fvu_of
 from ..registry import register
 from ..sparsifiers import column_capacity_mask, mask_to_codes
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
@@ -41,13 +42,15 @@ from .batchtopk import BatchTopKConfig, BatchTopKSAE
 
 @dataclass
 class MutualChoiceConfig(BatchTopKConfig):
-    # auxk_coef (inherited) weights aux_zipf_loss, which replaces AuxK here
+    aux_zipf_coef: float = 1 / 32  # training: weight of aux_zipf_loss
     zipf_exponent: float = 1.0  # training: exponent a of the Zipf law over feature ranks
     zipf_tolerance: float = 0.5  # training: under-used = firing below this share of the expected Zipf density
     density_decay: float = 0.99  # training: EMA decay of each feature's firing rate, per step
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.aux_zipf_coef < 0:
+            raise ValueError(f"aux_zipf_coef must be >= 0, got {self.aux_zipf_coef}")
         if self.zipf_exponent < 0:
             raise ValueError(f"zipf_exponent must be >= 0, got {self.zipf_exponent}")
         if self.zipf_tolerance < 0:
@@ -89,7 +92,7 @@ def zipf_capacities(density: Tensor, total: int, exponent: float, cap: int) -> T
 
 
 def aux_zipf_loss(step: Step) -> Tensor:
-    """AuxK over dead *and* under-used latents: they learn to reconstruct the residual x - x_hat."""
+    """Under-used latents learn when to fire: their top pre-activations decode the residual x - x_hat."""
     recon = step.extras.get("aux_zipf_recon")
     if recon is None:
         return step.x.new_zeros(())
@@ -99,7 +102,7 @@ def aux_zipf_loss(step: Step) -> Tensor:
 
 @register("mutual_choice")
 class MutualChoiceSAE(BatchTopKSAE):
-    """BatchTopK's selection read as Mutual Choice, with aux_zipf_loss in place of AuxK."""
+    """BatchTopK's selection read as Mutual Choice, with aux_zipf_loss for under-used latents besides AuxK."""
 
     config_class = MutualChoiceConfig
     cfg: MutualChoiceConfig
@@ -116,20 +119,22 @@ class MutualChoiceSAE(BatchTopKSAE):
         return self.feature_density < self.cfg.zipf_tolerance * expected
 
     def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
-        step = super().training_forward(x, None)
-        step.dead_mask = dead_mask
+        step = super().training_forward(x, dead_mask)
         flagged = self.underused_mask()
         if dead_mask is not None:
-            flagged |= dead_mask
-        probe = dataclasses.replace(step, dead_mask=flagged, extras={})
-        self.add_auxk(probe, self.k_aux)
-        if "auxk_recon" in probe.extras:
-            step.extras["aux_zipf_recon"] = probe.extras["auxk_recon"]
-            step.extras["aux_zipf_scale"] = probe.extras["auxk_scale"]
+            flagged &= ~dead_mask  # dead latents have AuxK
+        if not bool(flagged.any()):
+            return step
+        candidates = flagged.nonzero().squeeze(-1)
+        k = min(self.k_aux, candidates.numel())
+        indices = candidates[step.pre_acts.index_select(-1, candidates).topk(k, dim=-1, sorted=False).indices]
+        values = F.relu(self.gather_preacts(x, step.pre_acts, indices))
+        step.extras["aux_zipf_recon"] = sparse_decode(SparseCodes(values, indices), self.W_dec.detach())
+        step.extras["aux_zipf_scale"] = x.new_tensor(min(candidates.numel() / self.k_aux, 1.0))
         return step
 
     def loss_terms(self):
-        return {"fvu": (1.0, fvu), "aux_zipf": (self.cfg.auxk_coef, aux_zipf_loss)}
+        return {**super().loss_terms(), "aux_zipf": (self.cfg.aux_zipf_coef, aux_zipf_loss)}
 
     @torch.no_grad()
     def after_optimizer_step(self, step: Step) -> None:
