@@ -82,3 +82,31 @@ def test_two_processes_train_the_same_sae_as_one(tmp_path):
         # platform noise yet stays well below what distinguishes genuinely different runs (the same
         # atoms with a different batch sequence differ by 5-8%).
         assert _relative_error(weights, single[name]) < 0.02, name
+
+
+# Variants whose training state follows batch statistics (thresholds, densities, bias windows, schedules)
+# rather than gradients; each process sees only its shard, so they must reduce those statistics to agree.
+BATCH_STATISTIC_VARIANTS = {
+    "batchtopk": {"k": 4}, "matryoshka": {"k": 4}, "mutual_choice": {"k": 4}, "feature_choice": {"k": 4},
+    "gba": {"adapt_tokens": 2048}, "variational": {"k": 4},
+}
+
+
+def _batch_statistics_worker(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    data = planted(d=16, n_atoms=32, active=3.0, seed=0)
+    rank = dist.get_rank()
+    for arch, kwargs in BATCH_STATISTIC_VARIANTS.items():
+        torch.manual_seed(0)
+        sae = SAE.create(arch, d_in=16, d_sae=64, **kwargs)
+        sae, _ = train(sae, data, tokens=BATCH * 24, batch_size=BATCH, progress=False)
+        state = {k: v.contiguous() for k, v in sae.state_dict().items()}
+        save_file(state, f"{out_dir}/{arch}-rank{rank}.safetensors")
+
+
+def test_batch_statistic_variants_keep_one_state_across_processes(tmp_path):
+    debug_launcher(_batch_statistics_worker, args=(str(tmp_path),), num_processes=WORLD)
+    for arch in BATCH_STATISTIC_VARIANTS:
+        first, second = (load_file(tmp_path / f"{arch}-rank{r}.safetensors") for r in range(WORLD))
+        for name in first:
+            assert torch.equal(first[name], second[name]), f"{arch}: {name} differs between the ranks"

@@ -138,7 +138,7 @@ def test_gba_rule_moves_each_bias_toward_its_target():
 
 
 def test_gba_training_keeps_groups_under_their_target_frequencies():
-    sae = trained("gba", steps=80)
+    sae = trained("gba", steps=80, adapt_tokens=1024)  # 20 adaptation windows in a short run
     codes = sae.encode(held_out())
     freq = (codes != 0).float().mean(0)
     per_group = torch.zeros(sae.cfg.n_groups).index_reduce_(0, sae.group, freq, "amax", include_self=False)

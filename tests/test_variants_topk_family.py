@@ -4,6 +4,8 @@ capacities, and that a short run lowers the FVU)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from sae_guard.sae.sparsifiers import (
     abs_topk, afa_topk, batch_topk, batch_topk_mask, column_capacity_mask, mask_to_codes, row_topk,
 )
 from sae_guard.sae.variants.matryoshka import inner_prefix_fvu
-from sae_guard.sae.variants.mutual_choice import aux_zipf_loss, zipf_capacities
+from sae_guard.sae.variants.mutual_choice import aux_zipf_loss
 from sae_guard.synthetic import planted
 
 D_IN, D_SAE, K, BATCH = 16, 64, 3, 256
@@ -36,20 +38,16 @@ def make(spec: str) -> SAE:
     return SAE.create(arch, d_in=D_IN, d_sae=D_SAE, **kwargs)
 
 
-_TRAINED: dict[str, tuple[SAE, float, float]] = {}
-
-
+@functools.cache
 def trained(spec: str) -> tuple[SAE, float, float]:
-    """The SAE after a short run, with its held-out FVU before and after (cached per module)."""
-    if spec not in _TRAINED:
-        ds = data()
-        held_out = ds.sample(2048, torch.Generator().manual_seed(99))[0]
-        sae = make(spec)
-        sae.init_from_data(ds.batch(0))
-        before = evaluate(sae, held_out)["fvu"]
-        sae, _ = sae_guard.train(sae, ds, tokens=BATCH * 120, batch_size=BATCH, progress=False)
-        _TRAINED[spec] = (sae, before, evaluate(sae, held_out)["fvu"])
-    return _TRAINED[spec]
+    """The SAE after a short run, with its held-out FVU before and after (shared by the tests)."""
+    ds = data()
+    held_out = ds.sample(2048, torch.Generator().manual_seed(99))[0]
+    sae = make(spec)
+    sae.init_from_data(ds.batch(0))
+    before = evaluate(sae, held_out)["fvu"]
+    sae, _ = sae_guard.train(sae, ds, tokens=BATCH * 120, batch_size=BATCH, progress=False)
+    return sae, before, evaluate(sae, held_out)["fvu"]
 
 
 # ---------------------------------------------------------------------------------- sparsifiers
@@ -199,13 +197,16 @@ def test_matryoshka_rejects_groups_that_do_not_cover_the_dictionary():
         SAE.create("matryoshka", d_in=4, d_sae=8, k=2, group_sizes=[4, 4], group_weights=[1.0])
 
 
-def test_zipf_capacities_follow_density_ranks_and_cap():
-    density = torch.tensor([0.0, 0.5, 0.1, 0.3])
-    capacities = zipf_capacities(density, total=100, exponent=1.0, cap=1000)
-    assert capacities.argsort(descending=True).tolist() == [1, 3, 2, 0]
-    assert abs(int(capacities.sum()) - 100) <= 4
-    capped = zipf_capacities(density, total=100, exponent=1.0, cap=30)
-    assert capped.max() <= 30 and capped.sum() >= 96  # what the cap cuts goes to the others
+def test_feature_choice_capacities_follow_demand_with_an_even_floor():
+    sae = make("feature_choice")
+    assert sae.capacities(BATCH).tolist() == [round(K * BATCH / D_SAE)] * D_SAE  # no demand seen yet
+    demand = torch.zeros(D_SAE)
+    demand[:4] = torch.tensor([1.0, 0.8, 0.6, 0.6])  # shares of tokens; they sum to k
+    sae.feature_density.copy_(demand)
+    capacities = sae.capacities(BATCH)
+    floor = round(0.1 * K * BATCH / D_SAE)
+    assert capacities[4:].eq(floor).all() and capacities[0] > capacities[1] > capacities[2] > floor
+    assert abs(int(capacities.sum()) - K * BATCH) <= D_SAE
 
 
 def test_feature_choice_respects_capacities_and_learns_per_feature_thresholds():

@@ -108,18 +108,19 @@ class BatchTopKSAE(SAE):
             self.update_threshold(step.codes)
 
     @torch.no_grad()
-    def kept_minimum(self, codes: SparseCodes) -> tuple[Tensor, Tensor]:
-        """The smallest kept magnitude of this batch, and whether there was any (per threshold entry)."""
+    def kept_minimum(self, codes: SparseCodes) -> Tensor:
+        """The smallest kept magnitude of this batch per threshold entry (inf where nothing was kept)."""
         magnitudes = codes.values.detach().abs().float()
-        kept = magnitudes > 0
-        smallest = magnitudes.masked_fill(~kept, float("inf")).amin().reshape(1)
-        return smallest, kept.any().reshape(1)
+        return magnitudes.masked_fill(magnitudes == 0, float("inf")).amin().reshape(1)
 
     @torch.no_grad()
     def update_threshold(self, codes: SparseCodes) -> None:
-        """EMA of the smallest kept activation; the first observation initialises it."""
-        smallest, seen = self.kept_minimum(codes)
-        smallest = smallest.to(self.threshold)
+        """EMA of the smallest kept activation; the first observation initialises it.
+
+        Under data parallelism the minimum is taken over every process's batch, so all keep one threshold.
+        """
+        smallest = self.all_reduce(self.kept_minimum(codes).to(self.threshold), "min")
+        seen = torch.isfinite(smallest)
         decay = self.cfg.threshold_decay
         ema = torch.where(self.threshold > 0, decay * self.threshold + (1 - decay) * smallest, smallest)
         self.threshold.copy_(torch.where(seen, ema, self.threshold))

@@ -13,10 +13,18 @@ Choices the paper leaves open, and why:
 - Activation: JumpReLU with the bias as the negative threshold, code = u * 1[u + b > 0] with
   u = W_enc (x - b_dec), as in the paper's LLM experiments, so the bias sets who fires without
   shrinking how much; `activation="relu"` gives the theory's ReLU(u + b).
-- Defaults: the frequencies of features in the planted benchmark data run from 0.005 to 0.2 (about 6
-  active of 512) and in LLM activations from under 1e-4 to a few tenths. The defaults K = 10,
-  0.2 down to 1e-3 cover the first with room below; for LLM-scale dictionaries the paper uses 0.5
-  down to 1e-3 or 1e-4. The total of the targets over latents bounds L0 from above.
+- Init: each bias starts where its latent fires at its group's target on the first batch, not at 0.
+  The rule only lowers a bias that fires too often, so from 0 half the latents fire on every token
+  until it catches up (planted data, 3M tokens: FVU 0.156 from 0 against 0.138 from the quantile).
+- Targets: a group's bias settles where interference from other features alone fires its latents at
+  the target, so low-target groups miss weak instances of their features and high targets cost L0.
+  Planted data's features fire at 0.005 to 0.21; `highest_freq` = 0.25, just above the most frequent
+  one, measured best there (0.2 / 0.25 / 0.3 / 0.5: FVU 0.138 / 0.129 / 0.123 / 0.098, L0 7.9 / 9.6 /
+  13.2 / 36, atoms recovered 0.99 / 0.98 / 0.97 / 0.81). `lowest_freq` = 1e-3 and K = 10 are the
+  paper's; for LLM activations it uses a highest target of 0.5. The targets summed over latents bound
+  L0 from above.
+- Learning rate: with no penalty to balance, 4x the library default (`base_lr`) trains faster at no
+  cost in stability (FVU 0.17 at 1x, 0.147 at 2x, 0.138 at 4x, 0.136 at 8x).
 - Bias floor: the paper clips biases to [-1, 0] for activations of unit scale; the updates here are
   already relative to each latent's own pre-activations, so only the upper bound 0 is kept.
 """
@@ -42,7 +50,7 @@ ACTIVATIONS = ("jumprelu", "relu")
 @dataclass
 class GBAConfig(SAEConfig):
     n_groups: int = 10
-    highest_freq: float = 0.2  # training: target firing frequency of the first group
+    highest_freq: float = 0.25  # training: target firing frequency of the first group
     lowest_freq: float = 1e-3  # training: target firing frequency of the last group
     adapt_rate: float = 0.01  # training: gamma, the bias step as a fraction of the latent's max pre-activation
     adapt_tokens: int = 16384  # training: tokens of statistics behind each bias update
@@ -67,6 +75,7 @@ class GBAConfig(SAEConfig):
 class GBASAE(SAE):
     config_class = GBAConfig
     cfg: GBAConfig
+    base_lr = 8e-4  # 4x the library default: see the module docstring
 
     def __init__(self, cfg: GBAConfig) -> None:
         super().__init__(cfg)
@@ -122,9 +131,10 @@ class GBASAE(SAE):
     def after_optimizer_step(self, step: Step) -> None:
         super().after_optimizer_step(step)
         pre = step.pre_acts
-        self.window_fires += (pre > 0).sum(0)
-        self.window_max_pre.copy_(torch.maximum(self.window_max_pre, pre.amax(0)))
-        self.window_tokens += pre.shape[0]
+        # statistics over every process's batch, so all processes adapt the same biases at the same step
+        self.window_fires += self.all_reduce((pre > 0).sum(0).to(self.window_fires))
+        self.window_max_pre.copy_(torch.maximum(self.window_max_pre, self.all_reduce(pre.amax(0), "max")))
+        self.window_tokens += self.all_reduce(torch.tensor(pre.shape[0], device=pre.device))
         if self.window_tokens >= self.cfg.adapt_tokens:
             self.adapt_biases()
 

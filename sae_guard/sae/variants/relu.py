@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import SAE
-from ..codes import SparseCodes, dense_to_sparse, sparse_decode
+from ..codes import SparseCodes, dense_to_sparse
 from ..config import SAEConfig
 from ..losses import Step, fvu, l1_decoder_weighted
 from ..registry import register
@@ -48,11 +48,12 @@ class ReLUSAE(SAE):
         return dense_to_sparse(F.relu(self.pre_acts(self.check_input(x))))
 
     def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
-        """Gradient only through the latents that fire (sparse backward)."""
-        pre = self.training_preacts(x)
-        indices = mask_to_codes(pre, pre > 0).indices
-        codes = SparseCodes(F.relu(self.gather_preacts(x, pre, indices)), indices)
-        return Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec, codes, pre, dead_mask)
+        """Dense pass: an L1 SAE fires on a large share of latents early on, where a dense matmul is
+        cheaper than the sparse kernels. The sparse codes keep their gradient for the L1 term."""
+        pre = self.pre_acts(x)
+        dense = F.relu(pre)
+        x_hat = dense @ self.W_dec + self.b_dec
+        return Step(self, x, x_hat, mask_to_codes(dense, pre.detach() > 0), pre.detach(), dead_mask)
 
     def loss_terms(self):
         return {"fvu": (1.0, fvu), "l1": (self.cfg.l1_coef, l1_decoder_weighted)}

@@ -91,4 +91,4 @@ class VariationalSAE(TopKSAE):
     @torch.no_grad()
     def after_optimizer_step(self, step: Step) -> None:
         super().after_optimizer_step(step)
-        self.tokens_seen += step.x.shape[0]
+        self.tokens_seen += self.all_reduce(torch.tensor(step.x.shape[0], device=self.tokens_seen.device))
