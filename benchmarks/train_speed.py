@@ -4,8 +4,10 @@
     python benchmarks/train_speed.py --no-peers --steps 5
 
 Figures, all medians over the timed steps:
-- sae_guard step: one real step of `sae_guard.train` (data batch, forward, AuxK when latents are dead,
-  backward, decoder constraint, fused Adam), read from the trainer's own per-step timings;
+- sae_guard step: one real step of `sae_guard.train` (data batch, forward, backward, decoder constraint,
+  fused Adam, dead-latent tracking), read from the trainer's own per-step timings. Like the peers' timed
+  steps it runs in the "no dead latents" regime: a latent counts as dead after 10M tokens without firing
+  (sparsify's default), so a short run never computes AuxK;
 - floor: one dense encoder matmul plus the top-k of that shape, the least any TopK step must do;
 - peers: the same step in sparsify and SAELens (benchmarks/peers/peer_speed.py), run in their own
   venv (created by benchmarks/peers/setup_peers.sh) on the same shapes and threads.
@@ -46,7 +48,8 @@ def floor_seconds(d_in: int, d_sae: int, k: int, batch: int, repeats: int) -> fl
 def ours(d_in: int, d_sae: int, k: int, batch: int, steps: int, dtype_autocast: bool) -> dict:
     torch.manual_seed(0)
     data = torch.randn(batch * 4, d_in, generator=torch.Generator().manual_seed(0))
-    sae = sae_guard.SAE.create("topk", d_in=d_in, d_sae=d_sae, k=k)
+    # dead after 10M tokens, sparsify's default: like the peers' timed steps, no step here computes AuxK
+    sae = sae_guard.SAE.create("topk", d_in=d_in, d_sae=d_sae, k=k, dead_tokens=10_000_000)
     _, figures = sae_guard.train(sae, data, tokens=batch * (steps + 1), batch_size=batch, progress=False,
                                  autocast=dtype_autocast)
     return {"step_seconds": figures["step_seconds_median"], "tokens_per_second": batch / figures["step_seconds_median"]}
