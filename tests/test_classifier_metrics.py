@@ -94,3 +94,18 @@ def test_evaluate_fits_without_test_and_thresholds_on_calibrate():
 def test_fixed_threshold_bypasses_calibration():
     row = cb.evaluate_scorer("rule", lambda prompts: torch.ones(len(prompts)), _toy_data(), fixed_threshold=0.5)
     assert row["threshold"] == 0.5 and row["calibrate_fpr"] == 1.0 and row["test_tpr"] == 1.0
+
+
+def test_greedy_tpr_adds_latents_while_they_raise_tpr_at_the_retain_threshold():
+    """Latent 1 alone flags target 1 at no retain cost; latent 0 then adds target 0 (its weak firing on every retain
+    input sets a threshold target 0 still clears); latent 2 fires on half the retain inputs, so it adds nothing."""
+    from sae_guard.concepts.selection import greedy_tpr
+
+    target = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.5]])
+    retain = torch.zeros(100, 3)
+    retain[:, 0] = 1.0
+    retain[:50, 2] = 1.0
+    assert greedy_tpr(target, retain, n_features=3).tolist() == [1, 0]
+    assert greedy_tpr(target, retain, n_features=1).tolist() == [1]
+    with pytest.raises(ValueError, match="needs retain inputs"):
+        greedy_tpr(target, retain[:0])

@@ -1,0 +1,225 @@
+"""The `sae-guard` command.
+
+    sae-guard train minilm-prompts --data ../shared/data/prompts     # rebuild the packaged SAE and concepts
+    sae-guard classify minilm-prompts --prompts prompts.txt --json   # one JSON verdict per input line
+
+Each subcommand is one `Command` in `COMMANDS`: a name, a help line, a function adding its arguments and one
+running it. Adding a subcommand (demo, generate, bench, ...) is adding one more entry.
+Exit codes: 0 success, 2 usage errors (bad arguments, a recipe that cannot be found or read, an unreadable
+input file, missing assets or data, a concept without target prompts), 1 anything else (e.g. non-finite
+activations in the model, reported in one line; the model is left as it was).
+
+Verdicts on odd prompts: an empty (or blank) line asks for nothing, so it is not run through the model: it is not
+flagged and every score is 0 (the MiniLM classifier would otherwise score the bare [CLS] [SEP] tokens, which its
+nudity latents fire on). A prompt longer than the model's context is classified on its first tokens, as the model
+itself would read it. Both are counted in a note on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .concepts import Verdict
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+PROMPT_COLUMN_WIDTH = 60
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported in one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe name (e.g. minilm-prompts) or path to a .toml")
+    parser.add_argument("--data", required=True, help="folder holding the prompt CSVs")
+    parser.add_argument("--out", help="where to write the assets (default: the recipe's folder in the package)")
+    parser.add_argument("--work", help="activation cache and checkpoints; rerun with it to resume "
+                                       "(default: <tmp>/sae-guard-<recipe>)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import recipes
+
+    recipe = _recipe(args.recipe)
+    if not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: not a folder")
+    try:
+        report = recipes.build(recipe, data_dir=args.data, out=args.out, work_dir=args.work,
+                               progress=not args.quiet)
+    except (FileNotFoundError, recipes.RecipeError) as error:  # a missing CSV, a concept without prompts, ...
+        raise UsageError(str(error)) from None
+    print(json.dumps({k: v for k, v in report.items() if k != "concepts"} | {
+        "concepts": {name: {k: v for k, v in c.items() if k != "features"} for name, c in report["concepts"].items()}
+    }, indent=2))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------- classify
+def _classify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe name (e.g. minilm-prompts) or path to a .toml")
+    parser.add_argument("--prompts", required=True, help="text file, one prompt per line ('-' reads stdin)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per input line")
+    parser.add_argument("--assets", help="assets folder to use instead of the recipe's packaged one")
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from . import recipes
+
+    prompts = read_prompt_lines(args.prompts)
+    recipe = _recipe(args.recipe)
+    try:
+        g = recipes.load_guard(recipe, assets=args.assets, concepts=[c.name for c in recipe.concepts])
+    except (FileNotFoundError, recipes.RecipeError) as error:
+        raise UsageError(str(error)) from None
+    written = [p for p in prompts if p.strip()]
+    try:
+        scored = iter(g.classify(written, batch_size=args.batch_size) if written else [])
+        truncated = _count_truncated(g.tokenizers[0], written)
+    finally:
+        g.detach()
+    names = [c.name for c in g.concepts]
+    verdicts = [next(scored) if p.strip() else _unscored(names, g.concepts) for p in prompts]
+    empty = len(prompts) - len(written)
+    if empty:
+        print(f"note: {empty} empty line(s) not classified (not flagged, scores 0)", file=sys.stderr)
+    if truncated:
+        print(f"note: {truncated} prompt(s) longer than the model's {g.tokenizers[0].model_max_length} tokens, "
+              f"classified on their first {g.tokenizers[0].model_max_length}", file=sys.stderr)
+    if args.json:
+        for prompt, verdict in zip(prompts, verdicts):
+            print(json.dumps({"prompt": prompt, "flagged": verdict.flagged, "concepts": verdict.concepts,
+                              "scores": verdict.scores}, ensure_ascii=False))
+    else:
+        print(format_verdicts(prompts, verdicts, [c.name for c in g.concepts]))
+    return EXIT_OK
+
+
+def _unscored(names: Sequence[str], concepts: Sequence) -> Verdict:
+    """The verdict of an empty prompt: nothing asked, nothing flagged."""
+    return Verdict(False, dict.fromkeys(names, 0.0), {c.name: c.threshold for c in concepts}, "pass")
+
+
+def _count_truncated(tokenizer, prompts: Sequence[str]) -> int:
+    """How many prompts the model reads only in part (more tokens than its context)."""
+    if tokenizer is None or not prompts:
+        return 0
+    lengths = [len(ids) for ids in tokenizer(list(prompts), verbose=False)["input_ids"]]
+    return sum(n > tokenizer.model_max_length for n in lengths)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def read_prompt_lines(source: str) -> list[str]:
+    """Every line of a UTF-8 text file (or stdin for '-'), empty lines kept, line endings removed."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--prompts {source}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--prompts {source}: is a folder, not a text file") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--prompts {source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise UsageError(f"--prompts {source}: cannot read it ({error.strerror})") from None
+    return text.splitlines()
+
+
+def format_verdicts(prompts: Sequence[str], verdicts: Sequence, concepts: Sequence[str]) -> str:
+    """A short table: flag, each concept's score (* where above its threshold), the prompt."""
+    width = max([9, *map(len, concepts)])
+    lines = [f"{'flag':4}  " + "  ".join(f"{c:>{width}}" for c in concepts) + "  prompt"]
+    if verdicts:
+        thresholds = verdicts[0].thresholds
+        lines.append(f"{'':4}  " + "  ".join(f"{'>' + format(thresholds[c], '.3g'):>{width}}" for c in concepts)
+                     + "  (threshold)")
+    for prompt, verdict in zip(prompts, verdicts):
+        cells = [f"{verdict.scores[c]:.3g}{'*' if c in verdict.concepts else ' '}" for c in concepts]
+        shown = prompt if len(prompt) <= PROMPT_COLUMN_WIDTH else prompt[: PROMPT_COLUMN_WIDTH - 3] + "..."
+        lines.append(f"{'FLAG' if verdict.flagged else 'ok':4}  " + "  ".join(f"{c:>{width}}" for c in cells)
+                     + f"  {shown if prompt.strip() else '(empty)'}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- plumbing
+def _recipe(name: str):
+    from .recipes import RecipeError, load_recipe
+
+    try:
+        return load_recipe(name)
+    except RecipeError as error:
+        raise UsageError(str(error)) from None
+
+
+def _erasure_command(name: str, help: str) -> Command:
+    """A command whose arguments and runner live in sae_guard.erasure.commands (`NAME_arguments`, `run_NAME`)."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        from .erasure import commands
+
+        getattr(commands, f"{name}_arguments")(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        from .erasure import commands
+
+        return getattr(commands, f"run_{name}")(args)
+
+    return Command(name, help, add_arguments, run)
+
+
+COMMANDS = [
+    Command("train", "train a recipe's SAE and fit its concepts into its assets", _train_arguments, _train),
+    Command("classify", "flag prompts with a recipe's trained SAE classifier", _classify_arguments, _classify),
+    _erasure_command("demo", "erase a concept from the shipped ShapesWorld text-to-image model: report.html"),
+    _erasure_command("generate", "draw one image per prompt line with a text-to-image recipe, guarded"),
+    _erasure_command("bench", "run a benchmark suite (erasure: our gate against baselines, scored images)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae-guard", description="Sparse autoencoders as concept classifiers "
+                                                                   "and gates.")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        sub = subcommands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; return its exit code (argparse itself exits with 2 on bad arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"sae-guard {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as error:  # e.g. non-finite activations at the hookpoint
+        print(f"sae-guard {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

