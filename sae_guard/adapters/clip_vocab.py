@@ -14,13 +14,15 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from ..cache import cache_root
+
 
 @lru_cache(maxsize=None)
 def clip_tokenizer_files(folder: str | None = None) -> Path:
     """Write vocab.json and merges.txt (once) and return their folder."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
-    target = Path(folder or os.environ.get("SAE_GUARD_CACHE", Path(tempfile.gettempdir()) / "sae-guard-cache")) / "clip_bpe"
+    target = Path(folder) if folder else cache_root() / "clip_bpe"
     if (target / "vocab.json").exists() and (target / "merges.txt").exists():
         return target
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
