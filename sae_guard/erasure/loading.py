@@ -1,0 +1,103 @@
+"""A text-to-image recipe, loaded for generation: its pipeline, its trained SAE and concepts, where they sit.
+
+A text-to-image recipe trains its SAE on the pipeline's text encoder (its `hookpoint` is a module path of that
+encoder, so `sae-guard train` and `classify` work on the encoder alone) and adds two tables:
+
+    [t2i]                       # how images are drawn (see methods.T2ISettings)
+    image_size = 32
+    steps = 20
+    guidance_scale = 4.0
+    [guard]                     # what `demo`, `generate` and `bench` erase by default (recipes.GuardSpec)
+    concepts = ["red"]
+
+`PIPELINES` maps a recipe's `[model] kind` to the function loading its pipeline.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..concepts.concept import Concept, load_concepts
+from ..hooks.gate import Edit
+from ..recipes import Recipe, RecipeError, load_recipe
+from ..sae.base import SAE
+from .methods import T2ISettings
+
+
+def _shapes_pipeline(recipe: Recipe, device: str | torch.device) -> Any:
+    from ..shapes.t2i import load_pipeline
+
+    return load_pipeline(device)
+
+
+PIPELINES: dict[str, Callable[[Recipe, str | torch.device], Any]] = {"shapes-t2i": _shapes_pipeline}
+TEXT_ENCODER = "text_encoder"
+
+
+@dataclass
+class T2IRecipe:
+    """Everything generation needs from a recipe."""
+
+    recipe: Recipe
+    sae: SAE
+    concepts: list[Concept]
+    settings: T2ISettings
+    erase: list[str]  # the [guard] concepts
+    edit: Edit
+    seed: int
+
+    @property
+    def hookpoint(self) -> str:
+        """The recipe's hookpoint as a path inside the pipeline."""
+        return f"{TEXT_ENCODER}.{self.recipe.hookpoint}"
+
+    def concepts_named(self, names: Sequence[str] | None) -> list[Concept]:
+        """The fitted concepts to erase (default: the [guard] ones), with a clear error for unknown names."""
+        names = list(names or self.erase)
+        known = {c.name: c for c in self.concepts}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise RecipeError(f"recipe {self.recipe.name!r} has no concept(s) {unknown}; it has {sorted(known)}")
+        if not names:
+            raise RecipeError(f"recipe {self.recipe.name!r} names no [guard] concepts; pass --concept NAME")
+        return [known[n] for n in names]
+
+
+def recipe_tables(recipe: Recipe) -> dict[str, Any]:
+    """The recipe file's raw tables (the [t2i] and [guard] tables are read from here)."""
+    return tomllib.loads(recipe.text) if recipe.text else {}
+
+
+def load_t2i_recipe(name: str | Path | Recipe, assets: str | Path | None = None) -> T2IRecipe:
+    """The recipe, its SAE and concepts (from its assets), its drawing settings and its [guard] defaults."""
+    recipe = load_recipe(name)
+    if recipe.model.kind not in PIPELINES:
+        raise RecipeError(f"recipe {recipe.name!r} is not a text-to-image recipe (model kind {recipe.model.kind!r}; "
+                          f"text-to-image kinds: {', '.join(PIPELINES)})")
+    folder = Path(assets) if assets is not None else recipe.assets
+    if not (folder / "sae").is_dir() or not (folder / "concepts").is_dir():
+        raise FileNotFoundError(f"recipe {recipe.name!r} has no trained assets in {folder}; build them with "
+                                f"`sae-guard train {recipe.name} --data DIR`")
+    t2i_table = recipe_tables(recipe).get("t2i", {})
+    if not isinstance(t2i_table, dict):
+        raise RecipeError(f"recipe {recipe.name!r}: [t2i] must be a table")
+    try:
+        settings = T2ISettings.from_table(t2i_table)
+        seed = int(t2i_table.get("seed", 0))
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"recipe {recipe.name!r}: bad [t2i] value ({error})") from None
+    return T2IRecipe(recipe, SAE.load(folder / "sae"), load_concepts(folder / "concepts"), settings,
+                     list(recipe.guard.concepts), recipe.guard.edit, seed)
+
+
+def load_t2i_pipeline(recipe: Recipe, device: str | torch.device = "cpu") -> Any:
+    """The recipe's trained pipeline, its per-step progress bar off (the suite shows one per batch)."""
+    pipe = PIPELINES[recipe.model.kind](recipe, device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
