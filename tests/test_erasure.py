@@ -223,3 +223,18 @@ def test_generate_rejects_unknown_concepts_and_non_t2i_recipes(tiny_recipe_pipel
                      "--out", str(tmp_path / "b")]) == 2
     assert "not a text-to-image recipe" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_pipeline_guard_scores_prompts_on_the_states_the_pipeline_computes(tiny_world):
+    """The BERT encoder is called by the pipeline with its attention mask: `classify` must see the same states."""
+    pipe, sae, concept, _, _ = tiny_world
+    prompts = ["a red circle", "a large red star on a grey background", "a blue square"]
+    g = sae_guard.guard(pipe, sae=sae, concepts=[concept], hookpoint="text_encoder." + HOOKPOINT)
+    try:
+        classified = [verdict.scores["red"] for verdict in g.classify(prompts)]
+        pipe.encode_prompt(prompts, "cpu", 1, False)  # the pipeline's own call of its text encoder
+        encoded = [verdict.scores["red"] for verdict in g.last_verdicts]
+    finally:
+        g.detach()
+    assert max(classified) > 0
+    assert classified == pytest.approx(encoded, abs=1e-5)

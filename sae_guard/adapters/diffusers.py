@@ -280,22 +280,27 @@ def _tokenizer_for(pipe: Any, point: Hookpoint, max_sequence_length: int | None)
                          "classify prompts")
     if text.is_clip_text(point.model):
         return tokenizer  # text.tokenize pads CLIP to 77 without a mask, as every pipeline does
-    return PaddedTokenizer(tokenizer, max_sequence_length or tokenizer.model_max_length)
+    # StableDiffusionPipeline passes the mask only to encoders whose config asks for it (`use_attention_mask`)
+    with_mask = bool(getattr(getattr(point.model, "config", None), "use_attention_mask", False))
+    return PaddedTokenizer(tokenizer, max_sequence_length or tokenizer.model_max_length, with_mask)
 
 
 class PaddedTokenizer:
-    """A tokenizer as SD3 and Flux call it for T5: padded to a fixed length, truncated, no attention mask.
+    """A tokenizer as pipelines call it for T5 or BERT encoders: padded to a fixed length, truncated, with the
+    attention mask only where the pipeline passes one.
 
     `text.tokenize` asks for dynamic padding and an attention mask; this answers with the pipeline's
     own layout instead, so fitted thresholds and `classify` scores match what a pipeline call sees.
     """
 
-    def __init__(self, tokenizer: Any, length: int) -> None:
-        self.tokenizer, self.model_max_length = tokenizer, length
+    def __init__(self, tokenizer: Any, length: int, with_mask: bool = False) -> None:
+        self.tokenizer, self.model_max_length, self.with_mask = tokenizer, length, with_mask
 
     def __call__(self, texts: Sequence[str], **_layout: Any) -> dict[str, Any]:
         encoded = self.tokenizer(list(texts), padding="max_length", max_length=self.model_max_length,
                                  truncation=True, return_tensors="pt")
+        if self.with_mask:
+            return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         return {"input_ids": encoded["input_ids"]}
 
     def __getattr__(self, name: str) -> Any:  # everything else is the pipeline's tokenizer
