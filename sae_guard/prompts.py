@@ -388,8 +388,7 @@ def sae_training_prompts(
 
 
 def main() -> None:
-    """Print the split sizes and the sizes of the other sets (with seed 0: 32,928 SAE training prompts,
-    2,987 COCO val, 2,000 DiffusionDB val, 141 UnlearnDiffAtk nudity, 900 I2P sexual)."""
+    """Print the concept datasets' split sizes and the sizes of the other sets (`python -m sae_guard.prompts`)."""
     print(f"{'concept':10} {'split':10} {'target':>6} {'retain':>6}")
     for name in CONCEPTS:
         for split, size in concept(name).sizes().items():
