@@ -1,8 +1,9 @@
-"""Shared fixtures: real tokenizers built offline."""
+"""Shared fixtures: real tokenizers built offline, tiny pipelines, one torch thread for tiny models."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -12,6 +13,15 @@ WORDS = [
     "the cat sat on the mat", "a dog ran in the park", "user assistant system", "hello how are you today",
     "i am fine thank you", "the quick brown fox jumps over the lazy dog", "paint a red circle and a blue square",
 ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two contending for a shared CPU (`usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

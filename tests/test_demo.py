@@ -7,7 +7,9 @@ import json
 import pytest
 
 from sae_guard import cli
-from test_erasure import one_thread, tiny_recipe_pipeline, tiny_world  # noqa: F401  (shared fixtures)
+from test_erasure import tiny_recipe_pipeline, tiny_world  # noqa: F401  (shared fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_writes_report_metrics_and_prints_a_table(tiny_recipe_pipeline, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """Variational SAE (vSAE; Baker, Li et al. 2025, "Variational Sparse Autoencoders", arXiv 2509.22994).
 
 A TopK SAE whose codes are sampled while training: each latent has a Gaussian posterior with mean
-μ = ReLU(pre-activation) and a learned variance, z = μ + σ·ε, and each token keeps the k latents of
-largest |z| (signs kept). A KL divergence to the prior, warmed up from zero, regularises every latent's
+μ = ReLU(pre-activation) and a learned variance; each token keeps the k latents of largest μ and
+decodes samples z = μ + σ·ε of them (signs kept). A KL divergence to the prior, warmed up from zero, regularises every latent's
 posterior, which the paper finds makes features more independent and more robust to ablation at some
 cost in reconstruction. At inference the code is the posterior mean, so it is deterministic and equal
 to a TopK SAE's (top k of ReLU(pre)).
@@ -14,6 +14,10 @@ Choices the paper leaves open, and why:
   whatever the activations' scale.
 - The variance head starts at W_var = 0, b_var = `log_var_init` (σ about 5% of s), small next to
   feature magnitudes so early selection follows μ.
+- Selection by μ, sampling after it: the KL pulls every latent's σ toward the prior's s, and selecting
+  by |z| then let noise alone pick the latents (benchmarks/sae_quality.py, flat planted data, defaults:
+  FVU 1.03 and 29% of atoms recovered, against 0.146 and 99.6% selecting by μ). Selecting by μ keeps the choice of features deterministic and puts the noise where the
+  KL regularises it, on the values decoded.
 - The warm-up is counted in tokens (`kl_warmup_tokens`) because a variant does not see the run length;
   the paper warms up over the first tenth of training.
 """
@@ -75,9 +79,10 @@ class VariationalSAE(TopKSAE):
         pre = F.linear(x_c, self.W_enc, self.b_enc)
         mean = F.relu(pre)
         log_var = (F.linear(x_c / scale, self.W_var, self.b_var)).clamp(*LOG_VAR_RANGE)
-        z = mean + scale * (0.5 * log_var).exp() * torch.randn_like(mean)
-        indices = z.detach().abs().topk(self.cfg.k, dim=-1, sorted=False).indices
-        codes = SparseCodes(z.gather(-1, indices), indices)
+        indices = mean.detach().topk(self.cfg.k, dim=-1, sorted=False).indices
+        noise = torch.randn(indices.shape, dtype=mean.dtype, device=mean.device)
+        z = mean.gather(-1, indices) + scale * (0.5 * log_var.gather(-1, indices)).exp() * noise
+        codes = SparseCodes(z, indices)
         step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec, codes, pre.detach(), dead_mask)
         step.extras["kl"] = 0.5 * ((mean / scale).pow(2) + log_var.exp() - 1 - log_var).sum(-1)
         warmup = min(1.0, int(self.tokens_seen) / self.cfg.kl_warmup_tokens) if self.cfg.kl_warmup_tokens else 1.0
