@@ -80,27 +80,34 @@ def _warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
+def _resume(path: Path, module, optimizer, generator: torch.Generator, **extra_modules) -> list[float]:
+    """Restore a phase from its checkpoint, if there is one; returns the losses of the steps already taken."""
+    if not path.is_file():
+        return []
+    state = torch.load(path, weights_only=True)
+    module.load_state_dict(state["model"])
+    for name, extra in extra_modules.items():
+        extra.load_state_dict(state[name])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return state["losses"].tolist()
+
+
+def _save_phase(path: Path, module, optimizer, generator: torch.Generator, losses: list[float],
+                **extra_modules) -> None:
+    """Write a phase's checkpoint atomically (tensors only, so `_resume` loads it with `weights_only=True`)."""
+    state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+             "losses": torch.tensor(losses), **{name: extra.state_dict() for name, extra in extra_modules.items()}}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def train_vae(vae, images: Tensor, cfg: T2IConfig, checkpoint: Path) -> list[float]:
     """Fit the VAE to `images` ((n, 3, S, S) in [-1, 1]); returns the loss of every step."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    losses: list[float] = []
-    state = _load_checkpoint(checkpoint)
-    if state:
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        losses = state["losses"].tolist()
+    losses = _resume(checkpoint, vae, optimizer, generator)
     vae.train()
     bar = tqdm(range(len(losses), cfg.vae_steps), initial=len(losses), total=cfg.vae_steps, desc="vae")
     for step in bar:
@@ -116,8 +123,7 @@ def train_vae(vae, images: Tensor, cfg: T2IConfig, checkpoint: Path) -> list[flo
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            _save_checkpoint(checkpoint, {"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "generator": generator.get_state(), "losses": torch.tensor(losses)})
+            _save_phase(checkpoint, vae, optimizer, generator, losses)
     return losses
 
 
@@ -135,13 +141,7 @@ def train_decoder(vae, images: Tensor, cfg: T2IConfig, checkpoint: Path) -> list
     """
     optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=cfg.vae_lr)
     generator = torch.Generator().manual_seed(cfg.seed + 3)
-    losses: list[float] = []
-    state = _load_checkpoint(checkpoint)
-    if state:
-        vae.decoder.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        losses = state["losses"].tolist()
+    losses = _resume(checkpoint, vae.decoder, optimizer, generator)
     vae.train()
     bar = tqdm(range(len(losses), cfg.decoder_steps), initial=len(losses), total=cfg.decoder_steps, desc="decoder")
     for step in bar:
@@ -158,8 +158,7 @@ def train_decoder(vae, images: Tensor, cfg: T2IConfig, checkpoint: Path) -> list
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.decoder_steps:
-            _save_checkpoint(checkpoint, {"model": vae.decoder.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "generator": generator.get_state(), "losses": torch.tensor(losses)})
+            _save_phase(checkpoint, vae.decoder, optimizer, generator, losses)
     vae.eval()
     return losses
 
@@ -187,14 +186,7 @@ def train_unet(unet, scheduler, latents: Tensor, table: Tensor, caption_index: T
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(cfg.seed + 2)
-    losses: list[float] = []
-    state = _load_checkpoint(checkpoint)
-    if state:
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        losses = state["losses"].tolist()
+    losses = _resume(checkpoint, unet, optimizer, generator, ema=ema)
     unet.train()
     bar = tqdm(range(len(losses), cfg.unet_steps), initial=len(losses), total=cfg.unet_steps, desc="unet")
     for step in bar:
@@ -219,9 +211,7 @@ def train_unet(unet, scheduler, latents: Tensor, table: Tensor, caption_index: T
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            _save_checkpoint(checkpoint, {"model": unet.state_dict(), "ema": ema.state_dict(),
-                                          "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                          "losses": torch.tensor(losses)})
+            _save_phase(checkpoint, unet, optimizer, generator, losses, ema=ema)
     return ema.eval(), losses
 
 
