@@ -35,6 +35,22 @@ def test_sparse_decode_matches_dense():
     torch.testing.assert_close(codes.to_dense(40), dense)
 
 
+def test_sparse_decode_gradients_match_dense_autograd_with_repeated_latents():
+    torch.manual_seed(0)
+    indices = torch.randint(0, 12, (9, 4))
+    indices[0, 1] = indices[0, 0]  # zero-padded codes repeat a latent within a token
+    values = torch.randn(9, 4, requires_grad=True)
+    w = torch.randn(12, 5, requires_grad=True)
+    upstream = torch.randn(9, 5)
+    (sparse_decode(SparseCodes(values, indices), w) * upstream).sum().backward()
+    got = values.grad.clone(), w.grad.clone()
+    values.grad = w.grad = None
+    dense = torch.zeros(9, 12).index_put((torch.arange(9)[:, None].expand(-1, 4), indices), values, accumulate=True)
+    ((dense @ w) * upstream).sum().backward()
+    torch.testing.assert_close(got[0], values.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], w.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_topk_training_forward_gradients_match_dense_reference():
     torch.manual_seed(0)
     sae = SAE.create("topk", d_in=8, d_sae=32, k=3, auxk_coef=0.0)

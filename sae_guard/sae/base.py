@@ -145,7 +145,8 @@ class SAE(nn.Module):
     def before_optimizer_step(self) -> None:
         if self.unit_norm_decoder and self.W_dec.grad is not None:
             w = self.W_dec
-            w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+            parallel = torch.einsum("ij,ij->i", w.grad, w)  # row-wise dots without a (d_sae, d_in) temporary
+            w.grad.addcmul_(parallel.neg_()[:, None], w)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: Step) -> None:

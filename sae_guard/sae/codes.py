@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .kernels import decode
 
 
 class SparseCodes(NamedTuple):
@@ -51,14 +52,9 @@ def dense_to_sparse(dense: Tensor, k: int | None = None) -> SparseCodes:
 def sparse_decode(codes: SparseCodes, W_dec: Tensor) -> Tensor:
     """Sum of `values * W_dec[indices]` per token, without forming the dense code matrix."""
     values, indices = codes
-    lead = values.shape[:-1]
-    out = F.embedding_bag(
-        indices.reshape(-1, indices.shape[-1]),
-        W_dec,
-        per_sample_weights=values.reshape(-1, values.shape[-1]).to(W_dec.dtype),
-        mode="sum",
-    )
-    return out.reshape(*lead, W_dec.shape[-1])
+    k = indices.shape[-1]
+    out = decode(values.reshape(-1, k), indices.reshape(-1, k), W_dec)
+    return out.reshape(*values.shape[:-1], W_dec.shape[-1])
 
 
 def discrete_codes(codes: Tensor | SparseCodes) -> Tensor:
