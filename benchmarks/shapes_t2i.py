@@ -4,6 +4,7 @@
     python benchmarks/shapes_t2i.py --n 100 --scheduler DDIMScheduler DPMSolverMultistepScheduler \
         --guidance-scale 1.5 3 5                           # every scheduler x guidance scale, to pick defaults
     python benchmarks/shapes_t2i.py --json t2i.json
+    python benchmarks/shapes_t2i.py --vae-only             # the VAE's round trip alone: its ceiling on colour right
 
 Definitions (sae_guard/shapes/t2i_eval.py): one-shape captions from ShapesWorld's "heldout" templates (world seed
 EVAL_SEED, never trained on); colour right = the scorer's colours are exactly {named colour}; shape right = the
@@ -23,9 +24,10 @@ from pathlib import Path
 import torch
 
 from sae_guard.shapes.t2i import T2I_ASSETS, load_pipeline
-from sae_guard.shapes.t2i_eval import t2i_quality
+from sae_guard.shapes.t2i_eval import t2i_quality, vae_roundtrip
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "shapes.toml"
+
 
 def use_scheduler(pipe, name: str) -> None:
     """Swap in another stock scheduler over the same noise schedule and prediction type."""
@@ -46,12 +48,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=defaults["seed"])
     parser.add_argument("--assets", default=str(T2I_ASSETS))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--vae-only", action="store_true",
+                        help="only the VAE's round trip of rendered held-out images (colour right after decode)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     pipe = load_pipeline(assets=args.assets)
+    if args.vae_only:
+        figures = vae_roundtrip(pipe, args.n, args.caption_set)
+        print(f"VAE round trip of {args.n} rendered {args.caption_set} images: colour right "
+              f"{figures['vae_colour_right']:.3f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        return
     schedulers = args.scheduler or [type(pipe.scheduler).__name__]
     settings = [(scheduler, guidance) for scheduler in schedulers for guidance in args.guidance_scale]
     rows = []

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .scorers import EVAL_SEED, colours_present, shapes_present
-from .world import COLOURS, ShapesWorld
+from .world import COLOURS, ShapesWorld, to_tensor
 
 
 def one_shape_captions(n: int, caption_set: str = "heldout", seed: int = EVAL_SEED) -> tuple[list[str], list[dict]]:
@@ -62,3 +62,20 @@ def t2i_quality(pipe, n: int = 300, caption_set: str = "heldout", steps: int = 2
         if chosen.any():
             figures[f"{colour}_present"] = marks["colour_present"][chosen].mean()
     return {name: round(float(value), 4) for name, value in figures.items()}
+
+
+@torch.no_grad()
+def vae_roundtrip(pipe, n: int = 300, caption_set: str = "heldout", seed: int = EVAL_SEED) -> dict[str, float]:
+    """Colour right of `n` rendered one-shape images after the VAE alone (encode to the latent mean, decode).
+
+    The ceiling the VAE puts on the pipeline's colour right: a hue the decoder blends into its neighbour is lost
+    whatever the UNet draws.
+    """
+    pixels, labels, _ = ShapesWorld(two_shape_prob=0.0).sample(n, seed, caption_set)
+    vae = pipe.vae
+    images = to_tensor(pixels).to(vae.device, vae.dtype)
+    decoded = torch.cat([vae.decode(vae.encode(images[i:i + 100]).latent_dist.mean).sample
+                         for i in range(0, n, 100)])
+    back = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    right = [colours_present(image) == {label["shapes"][0]["colour"]} for image, label in zip(back, labels)]
+    return {"vae_colour_right": round(float(np.mean(right)), 4)}

@@ -54,7 +54,7 @@ class T2IConfig:
     decoder_steps: int = 600
     foreground_weight: float = 10.0
     unet: dict = field(default_factory=lambda: dict(UNET_SIZES))
-    unet_steps: int = 2400
+    unet_steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
