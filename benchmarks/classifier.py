@@ -71,7 +71,7 @@ class GuardScores:
 
 def run(args: argparse.Namespace) -> dict:
     recipe = recipes.load_recipe(args.recipe)
-    guard = recipes.load_guard(recipe)
+    guard = recipes.load_guard(recipe, assets=args.assets)
     thresholds = {c.name: c.threshold for c in guard.concepts}
     sae_scores = GuardScores(guard, args.batch_size)
     # the baselines embed with a MiniLM of their own: the guarded one edits flagged prompts' hidden states
@@ -131,6 +131,7 @@ def write_results(path: Path, command: str, text: str) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="minilm-prompts")
+    parser.add_argument("--assets", help="the recipe's assets folder, if not the packaged one (`sae-guard train --out`)")
     parser.add_argument("--data", help="prompt data folder (default: see sae_guard.prompts)")
     parser.add_argument("--fpr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -32,6 +32,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import random
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -163,6 +165,26 @@ def art_100(folder: str | os.PathLike | None = None) -> list[str]:
 def character(folder: str | os.PathLike | None = None) -> list[str]:
     """Prompts about cartoon characters (character.csv)."""
     return read_prompts("character.csv", folder)
+
+
+def celebrity_contexts(folder: str | os.PathLike | None = None, per_name: int = 80, seed: int = SEED) -> list[str]:
+    """Every celebrity of the celebrity concept (its 50 targets and 100 others) in `per_name` ordinary contexts.
+
+    A COCO caption's first person ("a man", "the woman", "a skier", ...) is replaced by the name: "Aaron Paul
+    standing under an umbrella looking up." The shared sets name each celebrity in five templates only, too few
+    for an SAE to spend latents on telling one name from another; these prompts give every name, target or not,
+    the same share of varied text. No label enters: targets and others are treated alike, the concept's
+    template-held-out splits are untouched, and COCO val captions are never used as contexts.
+    """
+    names = sorted({*_named_prompts("celebrity_target.csv", folder), *_named_prompts("celebrity_remain.csv", folder)})
+    held_out = set(coco_val(folder))
+    contexts = [c for c in coco(folder) if c not in held_out and _PERSON.search(c)]
+    rng = random.Random(seed)
+    return [_PERSON.sub(name, context, count=1) for name in names for context in rng.sample(contexts, per_name)]
+
+
+_PERSON = re.compile(r"\b(a|the|one) (man|woman|person|boy|girl|guy|lady|player|skier|surfer|skateboarder)\b",
+                     re.IGNORECASE)
 
 
 def concept_pairs(name: str, folder: str | os.PathLike | None = None) -> list[tuple[str, str]]:

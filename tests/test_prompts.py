@@ -116,6 +116,19 @@ def test_training_prompts_exclude_calibrate_test_and_evaluation_prompts(folder, 
     assert set(P.sae_training_prompts(folder, include_fit=False)) < training
 
 
+def test_celebrity_contexts_give_every_name_the_same_share_of_ordinary_contexts(folder, datasets):
+    prompts = P.celebrity_contexts(folder, per_name=5)
+    names = datasets["celebrity"].target_names + tuple(P._named_prompts("celebrity_remain.csv", folder))
+    assert len(names) == 150 and len(prompts) == 5 * len(names)
+    for name in names:
+        assert sum(p.startswith(name) or f" {name}" in p for p in prompts) >= 5, name
+    val = set(P.coco_val(folder))
+    slots = {P._PERSON.sub("\0", c, count=1) for c in P.coco(folder) if c not in val and P._PERSON.search(c)}
+    owner = [next(n for n in sorted(names, key=len, reverse=True) if n in p) for p in prompts]
+    assert all(p.replace(n, "\0", 1) in slots for p, n in zip(prompts, owner))  # a COCO train caption's person
+    assert P.celebrity_contexts(folder, per_name=5) == prompts  # deterministic
+
+
 def test_attack_and_flag_readers_return_prompts(folder):
     attacks = P.unlearndiffatk_nudity(folder)
     sexual = P.i2p("sexual", folder)
