@@ -167,6 +167,11 @@ def character(folder: str | os.PathLike | None = None) -> list[str]:
     return read_prompts("character.csv", folder)
 
 
+# the person a caption is about, replaced by a name in `celebrity_contexts`
+_PERSON = re.compile(r"\b(a|the|one) (man|woman|person|boy|girl|guy|lady|player|skier|surfer|skateboarder)\b",
+                     re.IGNORECASE)
+
+
 def celebrity_contexts(folder: str | os.PathLike | None = None, per_name: int = 80, seed: int = SEED) -> list[str]:
     """Every celebrity of the celebrity concept (its 50 targets and 100 others) in `per_name` ordinary contexts.
 
@@ -181,10 +186,6 @@ def celebrity_contexts(folder: str | os.PathLike | None = None, per_name: int = 
     contexts = [c for c in coco(folder) if c not in held_out and _PERSON.search(c)]
     rng = random.Random(seed)
     return [_PERSON.sub(name, context, count=1) for name in names for context in rng.sample(contexts, per_name)]
-
-
-_PERSON = re.compile(r"\b(a|the|one) (man|woman|person|boy|girl|guy|lady|player|skier|surfer|skateboarder)\b",
-                     re.IGNORECASE)
 
 
 def concept_pairs(name: str, folder: str | os.PathLike | None = None) -> list[tuple[str, str]]:

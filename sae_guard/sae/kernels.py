@@ -38,10 +38,7 @@ def latent_rows_matmul(indices: Tensor, entries: Tensor, dense: Tensor, d_sae: i
         order = flat_idx.argsort(stable=True)
         crow = torch.zeros(d_sae + 1, dtype=torch.long)
         torch.cumsum(torch.bincount(flat_idx, minlength=d_sae), 0, out=crow[1:])
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore")
-            matrix = torch.sparse_csr_tensor(crow, order // k, flat_entries[order], (d_sae, n_tokens))
-        return matrix @ dense
+        return _csr(crow, order // k, flat_entries[order], (d_sae, n_tokens)) @ dense
     rows = torch.arange(n_tokens, device=dense.device).repeat_interleave(k)
     matrix = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), flat_entries, (d_sae, n_tokens),
                                      check_invariants=False)
@@ -53,12 +50,15 @@ def rows_dot(indices: Tensor, a: Tensor, table: Tensor) -> Tensor:
     n_tokens, k = indices.shape
     if a.device.type == "cpu":  # a sampled GEMM, about 1.5x faster than embedding_bag's backward here
         crow = torch.arange(0, n_tokens * k + 1, k, device=a.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), a.new_zeros(n_tokens * k),
-                                              (n_tokens, table.shape[0]))
+        pattern = _csr(crow, indices.reshape(-1), a.new_zeros(n_tokens * k), (n_tokens, table.shape[0]))
         return torch.sparse.sampled_addmm(pattern, a, table.T, beta=0.0).values().view(n_tokens, k)
     return torch.bmm(table[indices], a[:, :, None]).squeeze(-1)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values, size)
 
 
 class _Decode(torch.autograd.Function):

@@ -35,8 +35,17 @@ def generate(pipe, prompts: list[str], steps: int = 20, guidance_scale: float = 
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
         images = pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
                       output_type="np", **call_kwargs).images
-        chunks.append((np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8))
+        chunks.append(_uint8(images))
     return np.concatenate(chunks)
+
+
+def _uint8(images: np.ndarray) -> np.ndarray:
+    """The pipeline's float images in [0, 1] as the uint8 pixels the scorers read."""
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _colour_right(colours: list[set[str]], named: list[dict]) -> np.ndarray:
+    return np.array([found == {item["colour"]} for found, item in zip(colours, named)])
 
 
 def score(images: np.ndarray, named: list[dict]) -> dict[str, np.ndarray]:
@@ -44,7 +53,7 @@ def score(images: np.ndarray, named: list[dict]) -> dict[str, np.ndarray]:
     colours = [colours_present(image) for image in images]
     shapes = [shapes_present(image) for image in images]
     return {
-        "colour_right": np.array([found == {item["colour"]} for found, item in zip(colours, named)]),
+        "colour_right": _colour_right(colours, named),
         "shape_right": np.array([found == {item["shape"]} for found, item in zip(shapes, named)]),
         "colour_present": np.array([item["colour"] in found for found, item in zip(colours, named)]),
     }
@@ -76,6 +85,6 @@ def vae_roundtrip(pipe, n: int = 300, caption_set: str = "heldout", seed: int = 
     images = to_tensor(pixels).to(vae.device, vae.dtype)
     decoded = torch.cat([vae.decode(vae.encode(images[i:i + 100]).latent_dist.mean).sample
                          for i in range(0, n, 100)])
-    back = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    right = [colours_present(image) == {label["shapes"][0]["colour"]} for image, label in zip(back, labels)]
-    return {"vae_colour_right": round(float(np.mean(right)), 4)}
+    back = _uint8(pipe.image_processor.postprocess(decoded.float(), output_type="np"))
+    right = _colour_right([colours_present(image) for image in back], [label["shapes"][0] for label in labels])
+    return {"vae_colour_right": round(float(right.mean()), 4)}
