@@ -136,7 +136,10 @@ def test_edit_modes(clip, clip_tokenizer, sae):
 
 
 def test_threads_get_their_own_verdicts(clip, clip_tokenizer, sae):
+    texts = ("a photo of a zebra at night", "a photo of a dog at night")
     with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+        alone = {t: g.classify([t])[0].flagged for t in texts}
+        assert alone == {texts[0]: True, texts[1]: False}  # one flagged, one not: a mix-up would show
         results = {}
 
         def run(text):
@@ -145,12 +148,12 @@ def test_threads_get_their_own_verdicts(clip, clip_tokenizer, sae):
                     clip(input_ids=encode(clip_tokenizer, [text]))
                 results.setdefault(text, []).append(g.last_verdicts[0].flagged)
 
-        threads = [threading.Thread(target=run, args=(t,)) for t in ("a zebra at night", "a dog at night")]
+        threads = [threading.Thread(target=run, args=(t,)) for t in texts]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    assert results == {"a zebra at night": [True] * 5, "a dog at night": [False] * 5}
+    assert results == {t: [alone[t]] * 5 for t in texts}
 
 
 def test_bad_input_is_a_clear_error_and_leaves_the_model_alone(clip, clip_tokenizer, sae):
