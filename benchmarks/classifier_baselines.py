@@ -262,13 +262,13 @@ def evaluate(method: Method, data: ConceptData, extra: Mapping[str, Sequence[str
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """The main table (test TPR at the calibrated FPR, test FPR, AUROC) and the flag-rate table."""
-    fpr = rows[0]["target_fpr"] if rows else 0.01
-    lines = [f"{'concept':10} {'method':10} {f'TPR@{fpr:.0%}FPR':>11} {'test FPR':>8} {'AUROC':>7} "
+    """The main table (test TPR and FPR at the threshold calibrated at `cal FPR` of the calibrate split's retains,
+    AUROC) and the flag-rate table."""
+    lines = [f"{'concept':10} {'method':10} {'cal FPR':>7} {'test TPR':>8} {'test FPR':>8} {'AUROC':>7} "
              f"{'n target':>8} {'n retain':>8}"]
     for r in rows:
-        lines.append(f"{r['concept']:10} {r['method']:10} {r['test_tpr']:11.3f} {r['test_fpr']:8.4f} "
-                     f"{r['auroc']:7.4f} {r['n_test_target']:8d} {r['n_test_retain']:8d}")
+        lines.append(f"{r['concept']:10} {r['method']:10} {r['target_fpr']:7.3f} {r['test_tpr']:8.3f} "
+                     f"{r['test_fpr']:8.4f} {r['auroc']:7.4f} {r['n_test_target']:8d} {r['n_test_retain']:8d}")
     sets = list(dict.fromkeys(name for r in rows for name in r["flag_rates"]))
     lines += ["", "flagged at the calibrated threshold (COCO/DiffusionDB val: benign prompts; attacks: detections)",
               f"{'concept':10} {'method':10} " + " ".join(f"{s:>15}" for s in sets)]

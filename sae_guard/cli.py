@@ -10,8 +10,8 @@ input file, missing assets or data, a concept without target prompts), 1 anythin
 activations in the model, reported in one line; the model is left as it was).
 
 Verdicts on odd prompts: an empty (or blank) line asks for nothing, so it is not run through the model: it is not
-flagged and every score is 0 (the MiniLM classifier would otherwise score the bare [CLS] [SEP] tokens, which its
-nudity latents fire on). A prompt longer than the model's context is classified on its first tokens, as the model
+flagged and every score is 0 (`Guard.classify`; the MiniLM classifier would otherwise score the bare [CLS] [SEP]
+tokens, which its nudity latents fire on). A prompt longer than the model's context is classified on its first tokens, as the model
 itself would read it. Both are counted in a note on stderr.
 """
 
@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .concepts import Verdict
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 PROMPT_COLUMN_WIDTH = 60
@@ -49,6 +48,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="where to write the assets (default: the recipe's folder in the package)")
     parser.add_argument("--work", help="activation cache and checkpoints; rerun with it to resume "
                                        "(default: <tmp>/sae-guard-<recipe>)")
+    parser.add_argument("--sae", help="fit the concepts on this trained SAE of the recipe (e.g. its packaged sae/ "
+                                      "folder) instead of training one")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -60,7 +61,7 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data}: not a folder")
     try:
         report = recipes.build(recipe, data_dir=args.data, out=args.out, work_dir=args.work,
-                               progress=not args.quiet)
+                               progress=not args.quiet, sae=args.sae)
     except (FileNotFoundError, recipes.RecipeError) as error:  # a missing CSV, a concept without prompts, ...
         raise UsageError(str(error)) from None
     print(json.dumps({k: v for k, v in report.items() if k != "concepts"} | {
@@ -89,12 +90,10 @@ def _classify(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     written = [p for p in prompts if p.strip()]
     try:
-        scored = iter(g.classify(written, batch_size=args.batch_size) if written else [])
+        verdicts = g.classify(prompts, batch_size=args.batch_size)
         truncated = _count_truncated(g.tokenizers[0], written)
     finally:
         g.detach()
-    names = [c.name for c in g.concepts]
-    verdicts = [next(scored) if p.strip() else _unscored(names, g.concepts) for p in prompts]
     empty = len(prompts) - len(written)
     if empty:
         print(f"note: {empty} empty line(s) not classified (not flagged, scores 0)", file=sys.stderr)
@@ -108,11 +107,6 @@ def _classify(args: argparse.Namespace) -> int:
     else:
         print(format_verdicts(prompts, verdicts, [c.name for c in g.concepts]))
     return EXIT_OK
-
-
-def _unscored(names: Sequence[str], concepts: Sequence) -> Verdict:
-    """The verdict of an empty prompt: nothing asked, nothing flagged."""
-    return Verdict(False, dict.fromkeys(names, 0.0), {c.name: c.threshold for c in concepts}, "pass")
 
 
 def _count_truncated(tokenizer, prompts: Sequence[str]) -> int:

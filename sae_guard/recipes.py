@@ -514,12 +514,16 @@ class HarvestedCodes:
 
 # ---------------------------------------------------------------------------------------------------- build
 def build(recipe: Recipe | str | Path, data_dir: str | Path | None = None, out: str | Path | None = None,
-          work_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+          work_dir: str | Path | None = None, progress: bool = True, sae: str | Path | None = None) -> dict[str, Any]:
     """Harvest activations, train the SAE, fit the concepts and save them all; return what was measured.
 
     out: where the assets go (default: the recipe's folder inside the package).
     work_dir: activation cache and training checkpoints (default: <tmp>/sae-guard-<recipe name>); rerunning an
         interrupted build with the same work_dir harvests nothing again and resumes training where it stopped.
+    sae: a folder holding this recipe's trained SAE (its packaged `sae/`, say): the concepts are fitted on it and
+        nothing is trained, so concepts are added or refitted without retraining. The SAE must have been trained
+        on the prompts the recipe names now (checked by their token count), so no calibrate or test prompt of the
+        current splits was among them.
     """
     recipe = load_recipe(recipe)
     out = Path(out) if out is not None else recipe.assets
@@ -531,11 +535,15 @@ def build(recipe: Recipe | str | Path, data_dir: str | Path | None = None, out: 
     if not prompts:
         raise RecipeError(f"recipe {recipe.name!r} has no training prompts in {prompt_sets.prompts_dir(data_dir)}")
     model, tokenizer = load_model(recipe)
-    _log(progress, f"{recipe.name}: harvesting {len(prompts)} prompts at {recipe.hookpoint}")
-    activations = harvest_activations(recipe, model, tokenizer, prompts, work)
-    unique_tokens = activations.shape[0]
-    sae, train_figures = _trained_sae(recipe, activations, work, progress)
-    del activations
+    sae_given = sae is not None
+    if sae is not None:
+        sae, train_figures, unique_tokens = _given_sae(recipe, Path(sae), tokenizer, prompts)
+    else:
+        _log(progress, f"{recipe.name}: harvesting {len(prompts)} prompts at {recipe.hookpoint}")
+        activations = harvest_activations(recipe, model, tokenizer, prompts, work)
+        unique_tokens = activations.shape[0]
+        sae, train_figures = _trained_sae(recipe, activations, work, progress)
+        del activations
 
     fitting = concept_prompts(datasets)
     _log(progress, f"{recipe.name}: harvesting the concepts' {len(fitting)} fit and calibrate prompts")
@@ -558,9 +566,9 @@ def build(recipe: Recipe | str | Path, data_dir: str | Path | None = None, out: 
 
     report = {
         "recipe": recipe.name, "hookpoint": recipe.hookpoint, "training_prompts": len(prompts),
-        "unique_tokens": unique_tokens, "tokens_trained": int(train_figures["tokens"]),
-        "epochs": round(train_figures["tokens"] / unique_tokens, 2),
-        "train": train_figures,
+        "unique_tokens": unique_tokens, "tokens_trained": int(train_figures.get("tokens", 0)) or None,
+        "epochs": round(train_figures["tokens"] / unique_tokens, 2) if "tokens" in train_figures else None,
+        "train": train_figures, "sae_given": sae_given,
         "held_out": {"prompts": len(held_out_prompts), **held_out},
         "concepts": {c.name: {"features": c.features.tolist(), "threshold": c.threshold, **c.calibration}
                      for c in concepts},
@@ -601,6 +609,24 @@ def check_concept_data(datasets: Mapping[str, prompt_sets.ConceptData]) -> None:
 def _run_key(recipe: Recipe, n_tokens: int) -> str:
     return _fingerprint([json.dumps(dataclasses.asdict(recipe.sae), sort_keys=True, default=str), recipe.model.kind,
                          recipe.model.id, recipe.hookpoint, n_tokens])
+
+
+def _given_sae(recipe: Recipe, folder: Path, tokenizer: Any, prompts: Sequence[str]) -> tuple[SAE, dict, int]:
+    """A trained SAE of this recipe, its training figures (from the training.json beside it, if any) and the
+    number of unique tokens it was trained on, after checking it belongs to the recipe as it reads now."""
+    sae = SAE.load(folder)
+    meta = sae.cfg.metadata
+    if meta.get("hookpoint") != recipe.hookpoint or meta.get("model") != dataclasses.asdict(recipe.model):
+        raise RecipeError(f"the SAE in {folder} was trained at {meta.get('hookpoint')!r} of {meta.get('model')}, "
+                          f"the recipe names {recipe.hookpoint!r} of {dataclasses.asdict(recipe.model)}")
+    unique_tokens = sum(token_counts(tokenizer, prompts))
+    if meta.get("unique_tokens") != unique_tokens:
+        raise RecipeError(f"the SAE in {folder} was trained on {meta.get('unique_tokens')} unique tokens, the "
+                          f"recipe's training prompts hold {unique_tokens}: the prompt sets or splits changed "
+                          f"since, so train it again")
+    report = folder.parent / TRAINING_REPORT
+    figures = json.loads(report.read_text()).get("train", {}) if report.is_file() else {}
+    return sae, figures, unique_tokens
 
 
 def _trained_sae(recipe: Recipe, activations: torch.Tensor, work: Path, progress: bool) -> tuple[SAE, dict]:

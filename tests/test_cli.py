@@ -179,3 +179,25 @@ def test_train_builds_assets_from_a_tiny_data_folder(tmp_path, capsys, monkeypat
         == EXIT_USAGE
     assert "concept 'nothing' has no fit target / calibrate target prompts" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    # refit the concepts on the trained SAE, with another strategy: nothing is trained, the SAE is kept as it was
+    probe = tmp_path / "probe.toml"
+    probe.write_text(TINY_RECIPE.replace('n_features = 8', 'n_features = 8\nstrategy = "probe"'))
+    sae_bytes = (out / "sae" / "sae.safetensors").read_bytes()
+    refit = tmp_path / "refit"
+    assert main(["train", str(probe), "--data", str(data), "--out", str(refit), "--work", str(work), "--sae",
+                 str(out / "sae"), "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sae_given"] and report["concepts"]["vangogh"]["readout"] == "linear"
+    assert (refit / "sae" / "sae.safetensors").read_bytes() == sae_bytes
+    with safe_open(str(refit / "concepts" / "concepts.safetensors"), "pt") as tensors:
+        assert {"features.vangogh", "weights.vangogh"} <= set(tensors.keys())
+    # an SAE of another hookpoint, or trained on other prompts, is refused
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text(TINY_RECIPE.replace("encoder.layer.1", "encoder.layer.2"))
+    more = tmp_path / "more.toml"
+    more.write_text(TINY_RECIPE.replace('sets = ["coco"]', 'sets = ["coco", "diffusiondb"]'))
+    for other, message in ((elsewhere, "trained at 'encoder.layer.1'"), (more, "train it again")):
+        assert main(["train", str(other), "--data", str(data), "--out", str(tmp_path / "x"), "--work", str(work),
+                     "--sae", str(out / "sae"), "--quiet"]) == EXIT_USAGE
+        assert message in capsys.readouterr().err

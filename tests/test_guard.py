@@ -8,6 +8,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import sae_guard
 from sae_guard import SAE, Concept, guard
+from sae_guard.concepts import load_concepts, save_concepts
 from sae_guard.hooks.hookpoints import HookpointError
 
 ANIMALS = ["dog", "cat", "horse", "lion", "tiger", "bird", "fish", "cow", "sheep", "goat", "duck", "bear"]
@@ -169,9 +170,32 @@ def test_bad_input_is_a_clear_error_and_leaves_the_model_alone(clip, clip_tokeni
     assert hooks_of(clip) == hooks
     with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
         empty, long = g.classify(["", "zebra " * 200])
-        assert not empty.flagged and long.flagged  # empty: BOS/EOS only; over-long: truncated to 77 as CLIP sees it
+        assert long.flagged  # over-long: truncated to 77 tokens, as CLIP reads it
+        assert (empty.flagged, empty.action, empty.scores) == (False, "pass", {"zebra": 0.0})  # nothing asked
         gate = g.gates[0]
         bad = torch.zeros(1, 5, 32)
         bad[0, 2, 0] = float("nan")
         with pytest.raises(ValueError, match="non-finite"):
             gate.apply(bad)
+
+
+def test_a_probe_concept_edits_only_its_positive_latents_and_survives_save_and_load(clip, clip_tokenizer, sae,
+                                                                                     tmp_path):
+    texts = ["a photo of a zebra in the snow", "a photo of a dog at night"]
+    probe = Concept("zebra", target=TARGET, retain=RETAIN, strategy="probe", n_features=8, fpr=0.05)
+    with guard(clip, sae=sae, concepts=[probe], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+        assert probe.calibration["readout"] == "linear" and 0 < probe.features.numel() <= 8
+        verdicts = g.classify(texts)
+        assert [v.flagged for v in verdicts] == [True, False] and verdicts[0].tokens["zebra"]
+        edited = g.policies[0].members[0].nonzero().squeeze(-1).tolist()
+        assert sorted(edited) == sorted(probe.features[probe.weights > 0].tolist())
+        with torch.no_grad():
+            guarded = clip(input_ids=encode(clip_tokenizer, texts)).last_hidden_state
+    with torch.no_grad():
+        plain = clip(input_ids=encode(clip_tokenizer, texts)).last_hidden_state
+    assert torch.equal(guarded[1], plain[1]) and not torch.allclose(guarded[0], plain[0])
+
+    loaded = load_concepts(save_concepts([probe], tmp_path))[0]
+    assert torch.equal(loaded.weights, probe.weights) and loaded.threshold == probe.threshold
+    with guard(clip, sae=sae, concepts=[loaded], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+        assert [v.scores for v in g.classify(texts)] == [v.scores for v in verdicts]

@@ -47,9 +47,22 @@ class Guard:
         return merge_verdicts([policy.last_verdicts for policy in self.policies])
 
     def classify(self, inputs: Sequence[str] | str, batch_size: int = 32) -> list[Verdict]:
-        """Verdicts for `inputs` without editing and without running the model past the hookpoints."""
+        """Verdicts for `inputs` without editing and without running the model past the hookpoints.
+
+        An empty or blank prompt asks for nothing: it is not run through the model, and its verdict is "pass" with
+        every score 0 (a model would otherwise score its bare special tokens, which some concepts fire on).
+        """
         if isinstance(inputs, str):
             inputs = [inputs]
+        asked = [text for text in inputs if text.strip()]
+        scored = iter(self._classify(asked, batch_size))
+        return [next(scored) if text.strip() else self._unscored() for text in inputs]
+
+    def _unscored(self) -> Verdict:
+        concepts = self.concepts
+        return Verdict(False, {c.name: 0.0 for c in concepts}, {c.name: c.threshold for c in concepts}, "pass")
+
+    def _classify(self, inputs: Sequence[str], batch_size: int) -> list[Verdict]:
         verdicts: list[Verdict] = []
         for start in range(0, len(inputs), batch_size):
             chunk = list(inputs[start : start + batch_size])

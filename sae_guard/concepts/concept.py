@@ -6,6 +6,9 @@ Fitting (done by `guard`, or by `fit` on encoded inputs) splits target and retai
 for picking features and a held-out part for calibration: the threshold lets through all but a
 stated fraction (`fpr`) of held-out retain inputs, and the true-positive rate on held-out target
 inputs is recorded beside it. Several concepts share one SAE; adding one needs no retraining.
+
+Most strategies pick features, and an input's score is the largest energy they write at one of its tokens; the
+`probe` strategy also weighs them, and the score is a linear readout of their maxima (`scoring`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..sae.codes import SparseCodes
-from .scoring import input_scores, max_activations, token_energies
+from .scoring import input_scores, max_activations, readout_scores, token_energies
 from .selection import STRATEGIES
 
 CONCEPTS_JSON = "concepts.json"
@@ -45,6 +48,7 @@ class Concept:
     seed: int = 0
     # fitted state
     features: Tensor | None = None
+    weights: Tensor | None = None  # signed weight per feature for a linear readout (`probe`); None: energy
     threshold: float | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
 
@@ -71,8 +75,10 @@ class Concept:
             raise ValueError(f"concept {self.name!r} needs retain inputs to calibrate its threshold against")
         target_max = _summaries(encode, fit_t, d_sae)
         retain_max = _summaries(encode, fit_r, d_sae) if len(fit_r) else target_max.new_zeros(0, d_sae)
-        features = STRATEGIES[self.strategy](target_max, retain_max, n_features=self.n_features)
+        picked = STRATEGIES[self.strategy](target_max, retain_max, n_features=self.n_features)
+        features, weights = picked if isinstance(picked, tuple) else (picked, None)
         self.features = features.cpu().long()
+        self.weights = weights.cpu().float() if weights is not None else None
         retain_scores = self.scores(encode, cal_r, d_sae, W_dec)
         target_scores = self.scores(encode, cal_t, d_sae, W_dec)
         self.threshold = threshold_at_fpr(retain_scores, self.fpr)
@@ -83,22 +89,35 @@ class Concept:
             "n_calibrate_target": len(cal_t), "n_calibrate_retain": len(cal_r),
             "n_fit_target": len(fit_t), "n_fit_retain": len(fit_r),
             "n_features": int(self.features.numel()), "strategy": self.strategy,
+            "readout": "linear" if self.weights is not None else "energy",
         }
         return self
 
     def scores(self, encode: Encoder, inputs: Sequence[Any], d_sae: int, W_dec: Tensor) -> Tensor:
-        """Each input's score for this concept (largest token energy)."""
+        """Each input's score for this concept."""
         if not len(inputs):
             return torch.zeros(0)
         codes, index, n = encode(inputs)
-        members = self.members(d_sae, W_dec.device)[None]
-        return input_scores(token_energies(codes, members, W_dec), index, n)[:, 0].cpu()
+        return self.score_codes(codes, index, n, W_dec)[0].cpu()
+
+    def score_codes(self, codes: SparseCodes, input_index: Tensor, n_inputs: int, W_dec: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+        """(n_inputs,) scores from the codes of every real token, and (N,) the tokens that carry the concept:
+        energy above the threshold (energy readout), or a positive-weight feature's maximum (linear readout)."""
+        d_sae = W_dec.shape[0]
+        if self.weights is not None:
+            return readout_scores(codes, input_index, n_inputs, self.features.to(W_dec.device), self.weights, d_sae)
+        energy = token_energies(codes, self.members(d_sae, W_dec.device)[None], W_dec)
+        fired = energy[:, 0] > (self.threshold if self.threshold is not None else 0.0)
+        return input_scores(energy, input_index, n_inputs)[:, 0], fired
 
     def members(self, d_sae: int, device: torch.device | str = "cpu") -> Tensor:
+        """(d_sae,) bool: the latents a gate edits for this concept (a linear readout's positive-weight ones)."""
         if self.features is None:
             raise RuntimeError(f"concept {self.name!r} is not fitted yet")
+        features = self.features if self.weights is None else self.features[self.weights > 0]
         member = torch.zeros(d_sae, dtype=torch.bool, device=device)
-        member[self.features.to(device)] = True
+        member[features.to(device)] = True
         return member
 
     def _split(self, inputs: Sequence[Any], explicit: Sequence[Any] | None, salt: int) -> tuple[list, list]:
@@ -132,13 +151,15 @@ def _summaries(encode: Encoder, inputs: Sequence[Any], d_sae: int) -> Tensor:
 
 
 def save_concepts(concepts: Sequence[Concept], directory: str | Path) -> Path:
-    """Write fitted concepts as concepts.json + concepts.safetensors (feature indices)."""
+    """Write fitted concepts as concepts.json + concepts.safetensors (feature indices, readout weights)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     unfitted = [c.name for c in concepts if not c.fitted]
     if unfitted:
         raise ValueError(f"cannot save unfitted concepts: {unfitted}")
-    save_file({f"features.{c.name}": c.features.contiguous() for c in concepts}, str(directory / CONCEPTS_WEIGHTS))
+    tensors = {f"features.{c.name}": c.features.contiguous() for c in concepts}
+    tensors |= {f"weights.{c.name}": c.weights.contiguous() for c in concepts if c.weights is not None}
+    save_file(tensors, str(directory / CONCEPTS_WEIGHTS))
     (directory / CONCEPTS_JSON).write_text(json.dumps([c.state() for c in concepts], indent=2) + "\n")
     return directory
 
@@ -153,6 +174,7 @@ def load_concepts(directory: str | Path) -> list[Concept]:
         concept = Concept(entry["name"], strategy=entry["strategy"], n_features=entry["n_features"],
                           fpr=entry["fpr"])
         concept.features = tensors[f"features.{entry['name']}"]
+        concept.weights = tensors.get(f"weights.{entry['name']}")
         concept.threshold = entry["threshold"]
         concept.calibration = entry["calibration"]
         concepts.append(concept)

@@ -1,7 +1,7 @@
 """The concepts' side of a gate: score every input, flag it, choose what to edit, keep verdicts.
 
 A `ConceptPolicy` is the `decide` callable a `Gate` asks on every pass: it scores each input for each
-concept (largest token energy over real tokens), flags the inputs whose score exceeds the concept's
+concept over its real tokens (`Concept.score_codes`), flags the inputs whose score exceeds the concept's
 threshold, and chooses the flagged concepts' latents on the flagged inputs' tokens for editing.
 """
 
@@ -17,7 +17,6 @@ from torch import Tensor
 from ..hooks.gate import GateCall
 from ..sae.base import SAE
 from .concept import Concept
-from .scoring import input_scores, token_energies
 
 
 @dataclass
@@ -57,18 +56,20 @@ class ConceptPolicy:
 
     def __call__(self, call: GateCall) -> Tensor:
         codes = call.codes
-        energies = token_energies(codes, self.members, self.sae.W_dec)  # (N, C)
-        scores = input_scores(energies, call.prompt_index, call.n_prompts)  # (B, C)
+        per_concept = [c.score_codes(codes, call.prompt_index, call.n_prompts, self.sae.W_dec) for c in self.concepts]
+        scores = torch.stack([s for s, _ in per_concept], -1) if per_concept else \
+            codes.values.new_zeros(call.n_prompts, 0)  # (B, C)
+        fired = torch.stack([f for _, f in per_concept], -1) if per_concept else \
+            torch.zeros(codes.values.shape[0], 0, dtype=torch.bool, device=codes.values.device)  # (N, C)
         flagged = scores > self.thresholds
-        self._state.verdicts = self._verdicts(scores, flagged, energies, call)
+        self._state.verdicts = self._verdicts(scores, flagged, fired, call)
         token_flags = flagged[call.prompt_index]  # (N, C)
         member_of = self.members.T[codes.indices]  # (N, k, C)
         return (member_of & token_flags[:, None, :]).any(-1) & (codes.values != 0)
 
-    def _verdicts(self, scores: Tensor, flagged: Tensor, energies: Tensor, call: GateCall) -> list[Verdict]:
+    def _verdicts(self, scores: Tensor, flagged: Tensor, fired: Tensor, call: GateCall) -> list[Verdict]:
         names = [c.name for c in self.concepts]
         thresholds = dict(zip(names, self.thresholds.tolist()))
-        above = energies > self.thresholds
         verdicts = []
         scores_list, flagged_list = scores.tolist(), flagged.tolist()
         for b in range(call.n_prompts):
@@ -78,7 +79,7 @@ class ConceptPolicy:
                 rows = call.prompt_index == b
                 for c, name in enumerate(names):
                     if flagged_list[b][c]:
-                        tokens[name] = call.token_index[rows & above[:, c]].tolist()
+                        tokens[name] = call.token_index[rows & fired[:, c]].tolist()
             action = "pass" if not hits else (self.action if call.editing else "flag")
             verdicts.append(Verdict(bool(hits), dict(zip(names, scores_list[b])), thresholds, action, hits, tokens))
         return verdicts

@@ -1,9 +1,11 @@
-"""Concept scores from SAE codes: per-token concept energy, per-input maximum over real tokens.
+"""Concept scores from SAE codes, over each input's real tokens only, so they never depend on the batch.
 
-The energy of concept c at a token is the norm of what its features write there,
-|sum_{j in F_c} z_j W_dec[j]| (ItD's "MSE when the features are flipped", without the SAE error and
-the padding that made ItD's score depend on the batch). An input's score is its largest token
-energy, so it depends on that input's real tokens alone.
+Two readouts:
+- energy (features picked without weights): the energy of concept c at a token is the norm of what its features
+  write there, |sum_{j in F_c} z_j W_dec[j]| (ItD's "MSE when the features are flipped", without the SAE error
+  and the padding that made ItD's score depend on the batch); an input's score is its largest token energy.
+- linear (features with signed weights, `probe`): an input's score is sum_j w_j * max_t z_tj, its largest
+  activation of each feature weighed; the tokens it rests on hold a positive-weight feature's maximum.
 """
 
 from __future__ import annotations
@@ -39,3 +41,23 @@ def max_activations(codes: SparseCodes, input_index: Tensor, n_inputs: int, d_sa
     flat = (input_index[:, None] * d_sae + codes.indices).reshape(-1)
     summary.scatter_reduce_(0, flat, codes.values.reshape(-1).clamp_min(0), reduce="amax", include_self=True)
     return summary.view(n_inputs, d_sae)
+
+
+def readout_scores(codes: SparseCodes, input_index: Tensor, n_inputs: int, features: Tensor, weights: Tensor,
+                   d_sae: int) -> tuple[Tensor, Tensor]:
+    """(n_inputs,) linear readout of each input's feature maxima, and (N,) the tokens holding a positive-weight
+    feature's maximum (what the score rests on). Works on the features' columns only, never on all of d_sae."""
+    n_features = features.numel()
+    slot = torch.full((d_sae,), -1, dtype=torch.long, device=codes.indices.device)
+    slot[features.to(slot.device)] = torch.arange(n_features, device=slot.device)
+    entry_slot = slot[codes.indices]  # (N, k): the latent's position in `features`, -1 for other latents
+    inside = entry_slot >= 0
+    entry_slot = entry_slot.clamp_min(0)
+    values = torch.where(inside, codes.values.clamp_min(0), torch.zeros_like(codes.values))
+    maxima = codes.values.new_zeros(n_inputs * n_features)
+    maxima.scatter_reduce_(0, (input_index[:, None] * n_features + entry_slot).reshape(-1), values.reshape(-1),
+                           reduce="amax", include_self=True)
+    maxima = maxima.view(n_inputs, n_features)
+    weights = weights.to(maxima)
+    holds = inside & (values > 0) & (values == maxima[input_index[:, None], entry_slot]) & (weights[entry_slot] > 0)
+    return (maxima * weights).sum(-1), holds.any(-1)  # row by row: an input's score never depends on its batch

@@ -1,7 +1,8 @@
 """Choosing a concept's SAE features from target and retain inputs.
 
 Every strategy reads per-input summaries: `target` (n_t, d_sae) and `retain` (n_r, d_sae), each row
-the maximum activation of every latent over that input's real tokens, and returns feature indices.
+the maximum activation of every latent over that input's real tokens, and returns feature indices, or
+(indices, weights) for a linear readout (`probe`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-Strategy = Callable[..., Tensor]
+from .probe import probe
+
+Strategy = Callable[..., Tensor | tuple[Tensor, Tensor]]
 
 
 def itd(target: Tensor, retain: Tensor, n_features: int = 32, n_retain: int | None = None) -> Tensor:
@@ -109,7 +112,7 @@ def greedy_tpr(target: Tensor, retain: Tensor, n_features: int = 32, fpr: float 
 
 
 STRATEGIES: dict[str, Strategy] = {"coverage": coverage, "f1": f1, "itd": itd, "mean_contrast": mean_contrast,
-                                   "greedy_tpr": greedy_tpr}
+                                   "greedy_tpr": greedy_tpr, "probe": probe}
 
 
 def _top_union(summaries: Tensor, n: int) -> Tensor:
