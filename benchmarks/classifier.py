@@ -39,6 +39,16 @@ from sae_guard.adapters.minilm import load_minilm  # noqa: E402
 from sae_guard import recipes  # noqa: E402
 
 SECTION = "## Prompt classifier (MiniLM)"
+NOTES = """\
+Rows: `sae` is the shipped classifier at its shipped thresholds (each concept calibrated at its own `fpr`, 0.4%
+of its calibrate-split retains, so that the three together flag at most 1% of ordinary captions); `sae@fpr` is the
+same scores thresholded like the baselines, at 1% of the calibrate retains. The concepts are `probe` readouts
+(`sae_guard/concepts/probe.py`) of the shipped 4,096-latent SAE, refitted on it with
+`sae-guard train minilm-prompts --data ../shared/data/prompts --sae sae_guard/assets/minilm-prompts/sae`.
+The nudity targets are mostly DiffusionDB NSFW prompts, largely toxic rather than nude, and the retains ordinary
+COCO captions, so the concept also learns the DiffusionDB prompt style: hence its flag rate on benign DiffusionDB
+prompts (diffusiondb_val), and the attack-set detections rest on that style as much as on nudity
+(model_cards/minilm-prompts.md, "Limits")."""
 TPR_REQUIRED = {"nudity": 0.9, "celebrity": 0.9}
 COCO_FLAG_LIMIT = 0.01
 
@@ -122,7 +132,8 @@ def report(result: dict) -> str:
 def write_results(path: Path, command: str, text: str) -> None:
     """Replace (or add) this suite's section of RESULTS.md, leaving every other section as it was."""
     section = (f"{SECTION}\n\nMeasured with `{command}` (recipe pipelines/minilm-prompts.toml, assets "
-               f"sae_guard/assets/minilm-prompts; see model_cards/minilm-prompts.md).\n\n```\n{text}\n```\n")
+               f"sae_guard/assets/minilm-prompts; see model_cards/minilm-prompts.md).\n\n```\n{text}\n```\n\n"
+               f"{NOTES}\n")
     old = path.read_text() if path.is_file() else "# Benchmark results\n"
     if SECTION in old:
         start = old.index(SECTION)
