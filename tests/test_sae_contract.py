@@ -55,6 +55,19 @@ def test_cfg_is_json_and_roundtrips(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_eval_lays_the_encoder_out_for_inference_without_changing_it(arch):
+    sae = make(arch).train()
+    x = torch.randn(9, D_IN)
+    with torch.no_grad():
+        before, weights = sae.encode(x), sae.W_enc.clone()
+        sae.eval()
+        assert sae.W_enc.stride() == (1, D_SAE) and torch.equal(sae.W_enc, weights)
+        torch.testing.assert_close(sae.encode(x), before, atol=1e-5, rtol=1e-5)
+    sae.train()
+    assert sae.W_enc.is_contiguous() and torch.equal(sae.W_enc, weights)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_inference_does_not_depend_on_batch(arch):
     sae = trained(arch)
     x = torch.randn(12, D_IN)
