@@ -583,14 +583,18 @@ def build(recipe: Recipe | str | Path, data_dir: str | Path | None = None, out: 
 
 def _check_against_the_live_model(model: Any, tokenizer: Any, recipe: Recipe, sae: SAE, concepts: Sequence[Concept],
                                   codes: HarvestedCodes, prompts: Sequence[str], n: int = 16) -> None:
-    """The guarded model must score a sample of prompts as the harvest did (fp16 storage aside)."""
+    """The guarded model must score a sample of prompts as the harvest did, fp16 storage aside: the harvest keeps
+    activations in fp16, so a latent at the edge of a token's top k may fall on the other side of it, and one score
+    in eight may differ; a stale cache (other prompts, another model) changes them all."""
     sample = list(prompts[:: max(1, len(prompts) // n)][:n])
     with guard(model, sae=sae, concepts=concepts, hookpoint=recipe.hookpoint, tokenizer=tokenizer) as live:
         verdicts = live.classify(sample)
     for concept in concepts:
         harvested = concept.scores(codes, sample, sae.d_sae, sae.W_dec.detach())
         seen = torch.tensor([v.scores[concept.name] for v in verdicts])
-        if not torch.allclose(seen, harvested, rtol=0.02, atol=0.02 * max(concept.threshold, 1e-6)):
+        tolerance = 0.02 * max(abs(concept.threshold), 1e-6)
+        differ = ~torch.isclose(seen, harvested, rtol=0.02, atol=tolerance)
+        if int(differ.sum()) > len(sample) // 8:
             raise RuntimeError(f"concept {concept.name!r}: the live model scores {seen.tolist()}, the harvest "
                                f"{harvested.tolist()}; the activation cache in the work folder is stale")
 
