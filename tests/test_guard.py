@@ -199,3 +199,31 @@ def test_a_probe_concept_edits_only_its_positive_latents_and_survives_save_and_l
     assert torch.equal(loaded.weights, probe.weights) and loaded.threshold == probe.threshold
     with guard(clip, sae=sae, concepts=[loaded], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
         assert [v.scores for v in g.classify(texts)] == [v.scores for v in verdicts]
+
+
+def test_an_edited_input_is_edited_at_its_padding_too():
+    """A UNet reads every position of the prompt, and past CLIP's end token the states have read the whole prompt:
+    the latents edited on an input's real tokens are edited at its padding as well, where they fire there; other
+    latents, and inputs with no edit, are left alone."""
+    from sae_guard.hooks.gate import Edit, Gate
+    from sae_guard.hooks.hookpoints import Hookpoint
+
+    sae = SAE.create("topk", d_in=8, d_sae=8, k=2).eval()
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(8))
+        sae.W_dec.copy_(torch.eye(8))
+    e = torch.eye(8)
+    hidden = torch.stack([
+        torch.stack([5 * e[3], 4 * e[3] + 2 * e[1], 3 * e[5]]),  # input 0: real token, then two padding positions
+        torch.stack([5 * e[3], 4 * e[3], 3 * e[5]]),  # input 1: the same latent, nothing decided for it
+    ])
+    real = torch.tensor([[True, False, False], [True, False, False]])
+
+    def decide(call):  # edit latent 3 of input 0 only
+        return (call.codes.indices == 3) & (call.prompt_index == 0)[:, None] & (call.codes.values != 0)
+
+    module = torch.nn.Identity()
+    gate = Gate(Hookpoint("layer", module, module), sae, decide, Edit("deactivate", 0.0))
+    out = gate.apply(hidden, real)
+    torch.testing.assert_close(out[0], torch.stack([0 * e[3], 2 * e[1], 3 * e[5]]))  # latent 3 gone everywhere
+    assert torch.equal(out[1], hidden[1])

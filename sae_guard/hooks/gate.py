@@ -9,6 +9,12 @@ At the hooked module's output h (batch, tokens, d), for the real tokens of each 
 The SAE's own reconstruction error never enters the output, and an input with nothing to edit comes
 back bit-identical (its rows are not touched at all). The Gate knows SAEs and tensors, not concepts:
 `decide` (built by the concepts layer) says what to edit and records its verdicts.
+
+Decisions are made on real tokens, but an edited input's other positions (padding) are read downstream too:
+a Stable Diffusion UNet attends to all 77 states of the prompt, and under CLIP's causal attention the states
+after the end token have read the whole prompt. So the latents edited on an input's real tokens are edited
+at its other positions as well, wherever they fire there (ItD replaces the whole prompt for the same reason).
+Those positions are encoded only for inputs that have an edit.
 """
 
 from __future__ import annotations
@@ -175,11 +181,39 @@ class Gate:
         if not editing or not bool(chosen.any()):
             return None
         rows = chosen.any(-1)
-        delta = self.edit.delta(SparseCodes(codes.values[rows], codes.indices[rows]), chosen[rows], sae.W_dec)
         out = hidden3.clone()
         b, t = prompt_index[rows.to(prompt_index.device)], token_index[rows.to(token_index.device)]
-        out[b, t] = (hidden3[b, t].float() + delta.to(hidden3.device)).to(hidden3.dtype)
+        self._edit_rows(out, hidden3, b, t, SparseCodes(codes.values[rows], codes.indices[rows]), chosen[rows])
+        self._edit_other_positions(out, hidden3, real, call, codes, chosen)
         return out if hidden.ndim == 3 else out[0]
+
+    def _edit_rows(self, out: Tensor, hidden: Tensor, b: Tensor, t: Tensor, codes: SparseCodes, chosen: Tensor
+                   ) -> None:
+        delta = self.edit.delta(codes, chosen, self.sae.W_dec)
+        out[b, t] = (hidden[b, t].float() + delta.to(hidden.device)).to(hidden.dtype)
+
+    def _edit_other_positions(self, out: Tensor, hidden: Tensor, real: Tensor, call: GateCall, codes: SparseCodes,
+                              chosen: Tensor) -> None:
+        """At the non-real positions of inputs with an edit, edit the latents edited on that input's real tokens."""
+        d_sae = self.sae.d_sae
+        edited = torch.unique(call.prompt_index[:, None].expand_as(chosen)[chosen] * d_sae + codes.indices[chosen])
+        inputs = torch.unique(edited // d_sae).to(real.device)
+        others = torch.zeros_like(real)
+        others[inputs] = ~real[inputs]
+        b, t = others.nonzero(as_tuple=True)
+        if not b.numel():
+            return
+        sae = self.sae
+        x = hidden[b, t].to(sae.W_enc.device, torch.float32)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"non-finite activations (NaN/inf) at {self.hookpoint.name}; the model is unchanged")
+        there = sae.encode_sparse(x)
+        keys = b.to(there.indices.device)[:, None] * d_sae + there.indices
+        chosen_there = torch.isin(keys, edited) & (there.values != 0)
+        rows = chosen_there.any(-1)
+        if rows.any():
+            self._edit_rows(out, hidden, b[rows.to(b.device)], t[rows.to(t.device)],
+                            SparseCodes(there.values[rows], there.indices[rows]), chosen_there[rows])
 
 
 def _real_tokens(mask: Tensor | None, batch: int, tokens: int, device: torch.device) -> Tensor:
