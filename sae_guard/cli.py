@@ -11,8 +11,8 @@ activations in the model, reported in one line; the model is left as it was).
 
 Verdicts on odd prompts: an empty (or blank) line asks for nothing, so it is not run through the model: it is not
 flagged and every score is 0 (`Guard.classify`; the MiniLM classifier would otherwise score the bare [CLS] [SEP]
-tokens, which its nudity latents fire on). A prompt longer than the model's context is classified on its first tokens, as the model
-itself would read it. Both are counted in a note on stderr.
+tokens, which its nudity latents fire on). A prompt longer than the model's context is classified on its first
+tokens, as the model itself would read it. Both are counted in a note on stderr.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 PROMPT_COLUMN_WIDTH = 60

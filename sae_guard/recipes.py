@@ -536,7 +536,7 @@ def build(recipe: Recipe | str | Path, data_dir: str | Path | None = None, out: 
         raise RecipeError(f"recipe {recipe.name!r} has no training prompts in {prompt_sets.prompts_dir(data_dir)}")
     model, tokenizer = load_model(recipe)
     sae_given = sae is not None
-    if sae is not None:
+    if sae_given:
         sae, train_figures, unique_tokens = _given_sae(recipe, Path(sae), tokenizer, prompts)
     else:
         _log(progress, f"{recipe.name}: harvesting {len(prompts)} prompts at {recipe.hookpoint}")

@@ -171,12 +171,9 @@ class Gate:
             )
         real = _real_tokens(mask, batch, tokens, hidden3.device)
         prompt_index, token_index = real.nonzero(as_tuple=True)
-        sae = self.sae
-        x = hidden3[prompt_index, token_index].to(sae.W_enc.device, torch.float32)
-        if not torch.isfinite(x).all():
-            raise ValueError(f"non-finite activations (NaN/inf) at {self.hookpoint.name}; the model is unchanged")
-        codes = sae.encode_sparse(x)
-        call = GateCall(codes, prompt_index.to(x.device), token_index.to(x.device), batch, editing)
+        codes = self._encode(hidden3, prompt_index, token_index)
+        device = codes.values.device
+        call = GateCall(codes, prompt_index.to(device), token_index.to(device), batch, editing)
         chosen = self.decide(call)
         if not editing or not bool(chosen.any()):
             return None
@@ -186,6 +183,13 @@ class Gate:
         self._edit_rows(out, hidden3, b, t, SparseCodes(codes.values[rows], codes.indices[rows]), chosen[rows])
         self._edit_other_positions(out, hidden3, real, call, codes, chosen)
         return out if hidden.ndim == 3 else out[0]
+
+    def _encode(self, hidden: Tensor, b: Tensor, t: Tensor) -> SparseCodes:
+        """SAE codes (fp32, on the SAE's device) of the states at positions (b, t), refusing NaN and inf."""
+        x = hidden[b, t].to(self.sae.W_enc.device, torch.float32)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"non-finite activations (NaN/inf) at {self.hookpoint.name}; the model is unchanged")
+        return self.sae.encode_sparse(x)
 
     def _edit_rows(self, out: Tensor, hidden: Tensor, b: Tensor, t: Tensor, codes: SparseCodes, chosen: Tensor
                    ) -> None:
@@ -203,11 +207,7 @@ class Gate:
         b, t = others.nonzero(as_tuple=True)
         if not b.numel():
             return
-        sae = self.sae
-        x = hidden[b, t].to(sae.W_enc.device, torch.float32)
-        if not torch.isfinite(x).all():
-            raise ValueError(f"non-finite activations (NaN/inf) at {self.hookpoint.name}; the model is unchanged")
-        there = sae.encode_sparse(x)
+        there = self._encode(hidden, b, t)
         keys = b.to(there.indices.device)[:, None] * d_sae + there.indices
         chosen_there = torch.isin(keys, edited) & (there.values != 0)
         rows = chosen_there.any(-1)
