@@ -9,9 +9,9 @@ them, so the gate draws them as the model does. This script asks what a perfect 
 gate is the gate's own edit at the recipe's hookpoint (`Gate`, `deactivate` at each strength, the SAE's error term
 kept) with a decision that knows the answer: on every prompt, each token of the paraphrase's own words ("crimson",
 "fresh blood"; not "a", "the colour of") has all of its SAE latents edited. Beside it, the same words deleted from
-the prompt (`KeywordFilter`: no SAE). On the suite's prompts and seeds (prompt i of the suite from seed i), so the unguarded row is the suite's.
-Prints the suite table, the red rate per paraphrase, and the SAE's relative reconstruction error on each paraphrase's
-tokens (how much of the word the SAE's latents hold at all).
+the prompt (`KeywordFilter`: no SAE). On the suite's prompts and seeds (prompt i of the suite from seed i), so the
+unguarded row is the suite's. Prints the suite table, the red rate per paraphrase, and the SAE's relative
+reconstruction error on each paraphrase's tokens (how much of the word the SAE's latents hold at all).
 """
 
 from __future__ import annotations
