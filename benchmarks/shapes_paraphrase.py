@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     for word in words:
         index = [i for i, p in enumerate(result.prompts) if word in p.text]
         if index:
-            cells = "".join(f" | {sum(run.rows[i]['present'] for i in index) / len(index):16.2f}" for run in result.runs)
+            rates = [sum(run.rows[i]["present"] for i in index) / len(index) for run in result.runs]
+            cells = "".join(f" | {rate:16.2f}" for rate in rates)
             print(f"{word + f' ({len(index)})':28}{cells} | {errors[word]:9.2f}")
 
 
