@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sae_guard import SAE
@@ -53,6 +54,16 @@ def test_save_replaces_atomically_and_leaves_no_temporaries(tmp_path):
     b.save(tmp_path / "sae")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
     torch.testing.assert_close(SAE.load(tmp_path / "sae").W_dec, b.W_dec)
+
+
+def test_the_same_sae_saves_to_the_same_bytes(tmp_path):
+    # safetensors writes metadata keys in hash order: unsorted, ten saves of two keys agree 1 time in 512
+    sae = SAE.create("topk", d_in=4, d_sae=8, k=2)
+    files = [sae.save(tmp_path / f"sae{i}") / "sae.safetensors" for i in range(10)]
+    assert len({f.read_bytes() for f in files}) == 1
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == {"architecture": "topk", "format": "sae_guard"}
+    torch.testing.assert_close(SAE.load(files[0].parent).W_dec, sae.W_dec)
 
 
 def test_failed_save_keeps_the_previous_folder(tmp_path, monkeypatch):

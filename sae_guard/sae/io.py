@@ -40,6 +40,7 @@ def save(sae, path: str | os.PathLike) -> Path:
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "sae_guard", "architecture": sae.architecture})
+        _sort_header(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(sae.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         if path.exists():
             backup = path.with_name(f".{path.name}.old")
@@ -52,6 +53,19 @@ def save(sae, path: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _sort_header(file: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, so the same SAE always gives the same bytes (the
+    library writes metadata keys in hash order). Same content, so the same length: rewritten in place."""
+    with open(file, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > size:
+            raise SAEFormatError(f"{file}: its sorted header ({len(text)} bytes) outgrew the written one ({size})")
+        handle.seek(8)
+        handle.write(text.ljust(size))  # safetensors pads its header with spaces
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None):
