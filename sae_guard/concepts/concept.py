@@ -100,14 +100,17 @@ class Concept:
         codes, index, n = encode(inputs)
         return self.score_codes(codes, index, n, W_dec)[0].cpu()
 
-    def score_codes(self, codes: SparseCodes, input_index: Tensor, n_inputs: int, W_dec: Tensor
-                    ) -> tuple[Tensor, Tensor]:
+    def score_codes(self, codes: SparseCodes, input_index: Tensor, n_inputs: int, W_dec: Tensor,
+                    members: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(n_inputs,) scores from the codes of every real token, and (N,) the tokens that carry the concept:
-        energy above the threshold (energy readout), or a positive-weight feature's maximum (linear readout)."""
+        energy above the threshold (energy readout), or a positive-weight feature's maximum (linear readout).
+        `members`: this concept's `members()` mask when the caller holds it (a gate scores every pass)."""
         d_sae = W_dec.shape[0]
         if self.weights is not None:
             return readout_scores(codes, input_index, n_inputs, self.features.to(W_dec.device), self.weights, d_sae)
-        energy = token_energies(codes, self.members(d_sae, W_dec.device)[None], W_dec)
+        if members is None:
+            members = self.members(d_sae, W_dec.device)
+        energy = token_energies(codes, members[None], W_dec)
         fired = energy[:, 0] > (self.threshold if self.threshold is not None else 0.0)
         return input_scores(energy, input_index, n_inputs)[:, 0], fired
 

@@ -56,7 +56,8 @@ class ConceptPolicy:
 
     def __call__(self, call: GateCall) -> Tensor:
         codes = call.codes
-        per_concept = [c.score_codes(codes, call.prompt_index, call.n_prompts, self.sae.W_dec) for c in self.concepts]
+        per_concept = [c.score_codes(codes, call.prompt_index, call.n_prompts, self.sae.W_dec, members)
+                       for c, members in zip(self.concepts, self.members)]
         scores = torch.stack([s for s, _ in per_concept], -1) if per_concept else \
             codes.values.new_zeros(call.n_prompts, 0)  # (B, C)
         fired = torch.stack([f for _, f in per_concept], -1) if per_concept else \
