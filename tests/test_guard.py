@@ -227,3 +227,54 @@ def test_an_edited_input_is_edited_at_its_padding_too():
     out = gate.apply(hidden, real)
     torch.testing.assert_close(out[0], torch.stack([0 * e[3], 2 * e[1], 3 * e[5]]))  # latent 3 gone everywhere
     assert torch.equal(out[1], hidden[1])
+
+
+def test_a_feature_map_is_gated_position_by_position():
+    """A UNet block's output (batch, channels, height, width): each position is a token of width `channels`, the
+    chosen latent is edited where it fires, the map keeps its layout, and an input with no edit is untouched."""
+    from diffusers import UNet2DConditionModel
+
+    from sae_guard.hooks.gate import Edit, Gate
+    from sae_guard.hooks.hookpoints import find_hookpoint, hidden_of
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2).eval()
+    point = find_hookpoint(unet, "up_blocks.0.attentions.0")
+    sae = SAE.create("topk", d_in=16, d_sae=64, k=4).eval()
+    inputs = (torch.randn(2, 4, 8, 8), 10, torch.randn(2, 5, 32))
+    seen = {}
+    handle = point.module.register_forward_hook(lambda _m, _a, out: seen.update(map=hidden_of(out)))
+    with torch.no_grad():
+        plain = unet(*inputs).sample
+    handle.remove()
+    feature_map = seen["map"]
+    assert feature_map.ndim == 4 and feature_map.shape[1] == 16
+
+    tokens = feature_map[0].flatten(1).T  # (positions, channels) of input 0
+    with torch.no_grad():
+        codes = sae.encode(tokens)
+    target = int(codes.sum(0).argmax())
+    expected = (tokens - codes[:, target:target + 1] * sae.W_dec[target]).T.reshape(feature_map[0].shape)
+
+    def decide(call):  # latent `target` of input 0 only
+        return (call.codes.indices == target) & (call.prompt_index == 0)[:, None] & (call.codes.values != 0)
+
+    gate = Gate(point, sae, decide, Edit("deactivate", 0.0))
+    out = gate.apply(feature_map)
+    assert out.shape == feature_map.shape
+    torch.testing.assert_close(out[0], expected)
+    assert torch.equal(out[1], feature_map[1])
+
+    gate.attach()
+    try:
+        with torch.no_grad():
+            guarded = unet(*inputs).sample
+    finally:
+        gate.detach()
+    assert not torch.allclose(guarded[0], plain[0])
+    assert torch.equal(guarded[1], plain[1])
+    with pytest.raises(ValueError, match="SAE width d_in=8"):
+        Gate(point, SAE.create("topk", d_in=8, d_sae=16, k=2), decide).apply(feature_map)

@@ -15,6 +15,9 @@ a Stable Diffusion UNet attends to all 77 states of the prompt, and under CLIP's
 after the end token have read the whole prompt. So the latents edited on an input's real tokens are edited
 at its other positions as well, wherever they fire there (ItD replaces the whole prompt for the same reason).
 Those positions are encoded only for inputs that have an edit.
+
+A (batch, channels, height, width) feature map (a UNet or CNN block) is read as a grid of tokens: each spatial
+position is a token of width `channels`, and the edited map comes back in its own layout.
 """
 
 from __future__ import annotations
@@ -158,12 +161,17 @@ class Gate:
     @torch.no_grad()
     def apply(self, hidden: Tensor, mask: Tensor | None = None, editing: bool = True) -> Tensor | None:
         """Score `hidden` (batch, tokens, d) and return its edited copy, or None if nothing changed."""
+        if hidden.ndim == 4:  # a feature map: its positions are the tokens
+            batch, channels, height, width = hidden.shape
+            edited = self.apply(hidden.flatten(2).transpose(1, 2), mask, editing)
+            return None if edited is None else edited.transpose(1, 2).reshape(batch, channels, height, width)
         if hidden.ndim == 2:
             hidden3 = hidden[None]
         elif hidden.ndim == 3:
             hidden3 = hidden
         else:
-            raise ValueError(f"the gate expects (batch, tokens, d) hidden states, got shape {tuple(hidden.shape)}")
+            raise ValueError("the gate expects (batch, tokens, d) hidden states or (batch, channels, height, width) "
+                             f"feature maps, got shape {tuple(hidden.shape)}")
         batch, tokens, width = hidden3.shape
         if width != self.sae.d_in:
             raise ValueError(
