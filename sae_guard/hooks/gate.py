@@ -160,7 +160,8 @@ class Gate:
     # -------------------------------------------------------------- the math
     @torch.no_grad()
     def apply(self, hidden: Tensor, mask: Tensor | None = None, editing: bool = True) -> Tensor | None:
-        """Score `hidden` (batch, tokens, d) and return its edited copy, or None if nothing changed."""
+        """Score `hidden` (batch, tokens, d), or a (batch, channels, height, width) map, and return its edited copy,
+        or None if nothing changed."""
         if hidden.ndim == 4:  # a feature map: its positions are the tokens
             batch, channels, height, width = hidden.shape
             edited = self.apply(hidden.flatten(2).transpose(1, 2), mask, editing)
