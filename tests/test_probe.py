@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae_guard.concepts.probe import probe
-from sae_guard.concepts.scoring import max_activations, readout_scores
+from sae_guard.concepts.scoring import feature_slots, max_activations, readout_scores
 from sae_guard.concepts.selection import greedy_tpr
 from sae_guard.sae.codes import SparseCodes
 
@@ -50,7 +50,7 @@ def test_readout_scores_match_the_dense_maxima_and_mark_the_tokens_holding_them(
     codes = SparseCodes(torch.rand(n_tokens, k), torch.stack([torch.randperm(d_sae)[:k] for _ in range(n_tokens)]))
     owner = torch.randint(0, n_inputs, (n_tokens,)).sort().values
     features, weights = torch.tensor([3, 7, 11, 20]), torch.tensor([1.0, -2.0, 0.5, 3.0])
-    scores, holds = readout_scores(codes, owner, n_inputs, features, weights, d_sae)
+    scores, holds = readout_scores(codes, owner, n_inputs, feature_slots(features, d_sae), weights)
     maxima = max_activations(codes, owner, n_inputs, d_sae)
     torch.testing.assert_close(scores, maxima[:, features] @ weights)
     dense = codes.to_dense(d_sae)

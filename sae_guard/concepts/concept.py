@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..sae.codes import SparseCodes
-from .scoring import input_scores, max_activations, readout_scores, token_energies
+from .scoring import feature_slots, input_scores, max_activations, readout_scores, token_energies
 from .selection import STRATEGIES
 
 CONCEPTS_JSON = "concepts.json"
@@ -101,18 +101,24 @@ class Concept:
         return self.score_codes(codes, index, n, W_dec)[0].cpu()
 
     def score_codes(self, codes: SparseCodes, input_index: Tensor, n_inputs: int, W_dec: Tensor,
-                    members: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    lookup: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(n_inputs,) scores from the codes of every real token, and (N,) the tokens that carry the concept:
         energy above the threshold (energy readout), or a positive-weight feature's maximum (linear readout).
-        `members`: this concept's `members()` mask when the caller holds it (a gate scores every pass)."""
-        d_sae = W_dec.shape[0]
+        `lookup`: this concept's `lookup()` table when the caller holds it (a gate scores every pass)."""
+        if lookup is None:
+            lookup = self.lookup(W_dec.shape[0], W_dec.device)
         if self.weights is not None:
-            return readout_scores(codes, input_index, n_inputs, self.features.to(W_dec.device), self.weights, d_sae)
-        if members is None:
-            members = self.members(d_sae, W_dec.device)
-        energy = token_energies(codes, members[None], W_dec)
+            return readout_scores(codes, input_index, n_inputs, lookup, self.weights)
+        energy = token_energies(codes, lookup[None], W_dec)
         fired = energy[:, 0] > (self.threshold if self.threshold is not None else 0.0)
         return input_scores(energy, input_index, n_inputs)[:, 0], fired
+
+    def lookup(self, d_sae: int, device: torch.device | str = "cpu") -> Tensor:
+        """(d_sae,) what scoring reads per latent: the `members()` mask (energy readout) or each feature's slot in
+        the weights (linear readout, `scoring.feature_slots`)."""
+        if self.weights is None:
+            return self.members(d_sae, device)
+        return feature_slots(self.features, d_sae, device)
 
     def members(self, d_sae: int, device: torch.device | str = "cpu") -> Tensor:
         """(d_sae,) bool: the latents a gate edits for this concept (a linear readout's positive-weight ones)."""

@@ -46,6 +46,7 @@ class ConceptPolicy:
         device = sae.W_dec.device
         self.members = torch.stack([c.members(sae.d_sae, device) for c in concepts]) if concepts else \
             torch.zeros(0, sae.d_sae, dtype=torch.bool, device=device)
+        self.lookups = [c.lookup(sae.d_sae, device) for c in concepts]
         self.thresholds = torch.tensor([c.threshold for c in concepts], dtype=torch.float32, device=device)
         self._state = threading.local()
 
@@ -56,8 +57,8 @@ class ConceptPolicy:
 
     def __call__(self, call: GateCall) -> Tensor:
         codes = call.codes
-        per_concept = [c.score_codes(codes, call.prompt_index, call.n_prompts, self.sae.W_dec, members)
-                       for c, members in zip(self.concepts, self.members)]
+        per_concept = [c.score_codes(codes, call.prompt_index, call.n_prompts, self.sae.W_dec, lookup)
+                       for c, lookup in zip(self.concepts, self.lookups)]
         scores = torch.stack([s for s, _ in per_concept], -1) if per_concept else \
             codes.values.new_zeros(call.n_prompts, 0)  # (B, C)
         fired = torch.stack([f for _, f in per_concept], -1) if per_concept else \

@@ -43,14 +43,20 @@ def max_activations(codes: SparseCodes, input_index: Tensor, n_inputs: int, d_sa
     return summary.view(n_inputs, d_sae)
 
 
-def readout_scores(codes: SparseCodes, input_index: Tensor, n_inputs: int, features: Tensor, weights: Tensor,
-                   d_sae: int) -> tuple[Tensor, Tensor]:
+def feature_slots(features: Tensor, d_sae: int, device: torch.device | str = "cpu") -> Tensor:
+    """(d_sae,) each latent's position in `features`, -1 for the others: how a linear readout finds its columns."""
+    slot = torch.full((d_sae,), -1, dtype=torch.long, device=device)
+    slot[features.to(slot.device)] = torch.arange(features.numel(), device=slot.device)
+    return slot
+
+
+def readout_scores(codes: SparseCodes, input_index: Tensor, n_inputs: int, slot: Tensor, weights: Tensor
+                   ) -> tuple[Tensor, Tensor]:
     """(n_inputs,) linear readout of each input's feature maxima, and (N,) the tokens holding a positive-weight
-    feature's maximum (what the score rests on). Works on the features' columns only, never on all of d_sae."""
-    n_features = features.numel()
-    slot = torch.full((d_sae,), -1, dtype=torch.long, device=codes.indices.device)
-    slot[features.to(slot.device)] = torch.arange(n_features, device=slot.device)
-    entry_slot = slot[codes.indices]  # (N, k): the latent's position in `features`, -1 for other latents
+    feature's maximum (what the score rests on). `slot` is `feature_slots` of the readout's features; the work is
+    on their columns only, never on all of d_sae."""
+    n_features = weights.numel()
+    entry_slot = slot.to(codes.indices.device)[codes.indices]  # (N, k): the latent's position in `features`, -1 for other latents
     inside = entry_slot >= 0
     entry_slot = entry_slot.clamp_min(0)
     values = torch.where(inside, codes.values.clamp_min(0), torch.zeros_like(codes.values))
