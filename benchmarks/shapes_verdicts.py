@@ -5,7 +5,9 @@
 For each concept of the `shapes` recipe (its shipped SAE and thresholds, on the text encoder alone, called as the
 pipeline calls it): the share of prompts flagged among captions that show the concept (target) and captions that
 do not (retain), for `train`-template captions of the calibrate images, `heldout` templates, the `paraphrase` set
-(colours in other words; shapes keep their words) and COCO test captions that do not name the concept.
+(colours in other words; shapes keep their words) and COCO test captions that do not name the concept. For the
+concept of the recipe's UNet stage, also the share of each set it leaves to that stage (unflagged, with a token
+the SAE reconstructs worse than the stage's `unread_error`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> None:
             tpr = f"{100 * r['target']:5.1f}" if "target" in r else "   --"
             cells.append(f" {'':>9}{tpr} {100 * r['retain']:4.1f}")
         print(f"{name:9}" + "".join(cells))
+    for name, rates in results.items():
+        if any("retain_unread" in r for r in rates.values()):
+            shares = {s: {side: f"{100 * rates[s][key]:.1f}%" if key in rates[s] else "--"
+                          for side, key in (("shows", "target_unread"), ("not", "retain_unread"))} for s in SETS}
+            print(f"\n{name}: left to the UNet stage, shows / does not: "
+                  + ", ".join(f"{s} {cell['shows']} / {cell['not']}" for s, cell in shares.items()))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -63,6 +63,10 @@ def _train(args: argparse.Namespace) -> int:
                                progress=not args.quiet, sae=args.sae)
     except (FileNotFoundError, recipes.RecipeError) as error:  # a missing CSV, a concept without prompts, ...
         raise UsageError(str(error)) from None
+    if recipe.guard.unet is not None:
+        from .erasure.unet_stage_build import build_into_assets  # after the text SAE and concepts it reads
+
+        report["unet_stage"] = build_into_assets(recipe, args.out, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "concepts"} | {
         "concepts": {name: {k: v for k, v in c.items() if k != "features"} for name, c in report["concepts"].items()}
     }, indent=2))

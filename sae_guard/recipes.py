@@ -65,7 +65,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -153,10 +153,32 @@ class ConceptSpec:
 
 
 @dataclass(frozen=True)
+class UNetStageSpec:
+    """[guard.unet] of a text-to-image recipe: a second judge inside the UNet, for the first [guard] concept, on
+    the prompts the text SAE cannot fully read (sae_guard.adapters.unet_stage). `prompts` names a function
+    `f(concept, n)` giving the captions its SAE is trained on and the fit / calibrate captions of its concept."""
+
+    block: str
+    prompts: str
+    detect_step: int = 2
+    unread_error: float = 0.5
+    fpr: float = 0.3
+    n_features: int = 16
+    strength: float = 0.0
+    captions: int = 320  # captions drawn for the SAE, and for each concept split
+    sae_tokens: int = 3_000_000  # block positions its SAE trains on (epochs over the harvest)
+
+    @property
+    def edit(self) -> Edit:
+        return Edit("deactivate", self.strength)
+
+
+@dataclass(frozen=True)
 class GuardSpec:
     concepts: tuple[str, ...] = ()  # empty: every concept of the recipe
     mode: str = "deactivate"
     strength: float = 0.0
+    unet: UNetStageSpec | None = None
 
     @property
     def edit(self) -> Edit:
@@ -279,7 +301,7 @@ def _data(table: Mapping[str, Any]) -> DataSpec:
     if not isinstance(sets, list) or not sets or not all(isinstance(s, str) for s in sets):
         raise RecipeError("[data] sets must be a non-empty list of prompt-set names (functions of sae_guard.prompts)")
     for name in sets:
-        _prompt_function(name, "[data] sets")
+        prompt_function(name, "[data] sets")
     flags = {}
     for key in ("concept_fit", "exclude_evaluation"):
         value = table.get(key, getattr(DataSpec, key))
@@ -300,7 +322,7 @@ def _concepts(entries: Any) -> tuple[ConceptSpec, ...]:
         _known_keys(entry, where, {f.name for f in dataclasses.fields(ConceptSpec)})
         name = _string(entry, "name", where)
         dataset = _string(entry, "dataset", where)
-        _prompt_function(dataset, f"{where} dataset")
+        prompt_function(dataset, f"{where} dataset")
         strategy = _string(entry, "strategy", where, default="coverage")
         if strategy not in STRATEGIES:
             raise RecipeError(f"{where} strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
@@ -317,7 +339,7 @@ def _concepts(entries: Any) -> tuple[ConceptSpec, ...]:
 def _guard(table: Any, concepts: Sequence[ConceptSpec]) -> GuardSpec:
     if not isinstance(table, dict):
         raise RecipeError("[guard] must be a table")
-    _known_keys(table, "[guard]", {"concepts", "mode", "strength"})
+    _known_keys(table, "[guard]", {"concepts", "mode", "strength", "unet"})
     names = table.get("concepts", [c.name for c in concepts])
     known = [c.name for c in concepts]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
@@ -333,10 +355,33 @@ def _guard(table: Any, concepts: Sequence[ConceptSpec]) -> GuardSpec:
         Edit(mode, float(strength))
     except ValueError as error:
         raise RecipeError(f"[guard] {error} (modes: {', '.join(EDIT_MODES)})") from None
-    return GuardSpec(tuple(dict.fromkeys(names)), mode, float(strength))
+    unet = _unet_stage(table["unet"]) if "unet" in table else None
+    return GuardSpec(tuple(dict.fromkeys(names)), mode, float(strength), unet)
 
 
-def _prompt_function(name: str, where: str) -> Callable[..., Any]:
+def _unet_stage(table: Any) -> UNetStageSpec:
+    where = "[guard.unet]"
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where} must be a table")
+    _known_keys(table, where, {f.name for f in fields(UNetStageSpec)})
+    numbers = {}
+    for key, low, high in (("unread_error", 0.0, math.inf), ("fpr", 0.0, 1.0), ("strength", -math.inf, 0.0)):
+        value = table.get(key, getattr(UNetStageSpec, key))
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+            raise RecipeError(f"{where} {key} must be a number in [{low}, {high}], got {value!r}")
+        numbers[key] = float(value)
+    spec = UNetStageSpec(block=_string(table, "block", where), prompts=_string(table, "prompts", where),
+                         detect_step=_int(table, "detect_step", where, UNetStageSpec.detect_step),
+                         n_features=_positive_int(table, "n_features", where, UNetStageSpec.n_features),
+                         captions=_positive_int(table, "captions", where, UNetStageSpec.captions),
+                         sae_tokens=_positive_int(table, "sae_tokens", where, UNetStageSpec.sae_tokens), **numbers)
+    if spec.detect_step < 0:
+        raise RecipeError(f"{where} detect_step must be >= 0, got {spec.detect_step}")
+    prompt_function(spec.prompts, where)
+    return spec
+
+
+def prompt_function(name: str, where: str) -> Callable[..., Any]:
     """A bare name in sae_guard.prompts, or "package.module:function" anywhere importable."""
     module_name, _, function_name = name.rpartition(":") if ":" in name else (prompt_sets.__name__, "", name)
     try:
@@ -400,7 +445,7 @@ def concept_datasets(recipe: Recipe, data_dir: str | Path | None = None) -> dict
     """Each concept's fit / calibrate / test splits, by concept name."""
     datasets = {}
     for spec in recipe.concepts:
-        data = _prompt_function(spec.dataset, "dataset")(data_dir, recipe.data.split_seed)
+        data = prompt_function(spec.dataset, "dataset")(data_dir, recipe.data.split_seed)
         if not isinstance(data, prompt_sets.ConceptData):
             raise RecipeError(f"sae_guard.prompts.{spec.dataset} returned {type(data).__name__}, not a ConceptData")
         datasets[spec.name] = data
@@ -412,7 +457,7 @@ def training_prompts(recipe: Recipe, data_dir: str | Path | None = None) -> list
     datasets = concept_datasets(recipe, data_dir).values()
     pool: list[str] = []
     for name in recipe.data.sets:
-        prompts = _prompt_function(name, "sets")(folder=data_dir)
+        prompts = prompt_function(name, "sets")(folder=data_dir)
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise RecipeError(f"sae_guard.prompts.{name} did not return a list of prompts")
         pool += prompts
@@ -670,7 +715,7 @@ def save_assets(recipe: Recipe, sae: SAE, concepts: Sequence[Concept], out: Path
         if recipe.text:
             (staging / RECIPE_COPY).write_text(recipe.text, encoding="utf-8")
         (staging / TRAINING_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        _make_readable(staging)
+        make_readable(staging)
         retired = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent)) / out.name
         if out.exists():
             out.rename(retired)
@@ -686,7 +731,7 @@ def save_assets(recipe: Recipe, sae: SAE, concepts: Sequence[Concept], out: Path
     return out
 
 
-def _make_readable(folder: Path) -> None:
+def make_readable(folder: Path) -> None:
     """Package data is read by every user: folders 0755, files 0644 (temporary files are created owner-only)."""
     folder.chmod(0o755)
     for path in folder.rglob("*"):

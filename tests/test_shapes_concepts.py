@@ -15,7 +15,7 @@ from sae_guard.shapes import concepts as C
 def test_every_colour_and_shape_is_a_concept_with_a_recipe_function():
     assert C.CONCEPT_NAMES == COLOURS + SHAPES
     for name in C.CONCEPT_NAMES:
-        function = recipes._prompt_function(f"sae_guard.shapes.concepts:{C.concept_kind(name)}_{name}", "test")
+        function = recipes.prompt_function(f"sae_guard.shapes.concepts:{C.concept_kind(name)}_{name}", "test")
         assert function.__name__ == f"{C.concept_kind(name)}_{name}"
     with pytest.raises(ValueError, match="unknown ShapesWorld concept 'pink'"):
         C.concept_kind("pink")

@@ -3,6 +3,10 @@
 A `ConceptPolicy` is the `decide` callable a `Gate` asks on every pass: it scores each input for each
 concept over its real tokens (`Concept.score_codes`), flags the inputs whose score exceeds the concept's
 threshold, and chooses the flagged concepts' latents on the flagged inputs' tokens for editing.
+
+Each verdict also records how much of the input the SAE could not read: the largest relative reconstruction
+error ||x - x_hat|| / ||x|| over its real tokens. A word the SAE never learned lives in that error, where no
+concept can see it, so a high error says "not flagged" means "not known" rather than "known clean".
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class Verdict:
     action: str  # "pass", "flag" (classification only), or the edit applied ("deactivate", ...)
     concepts: list[str] = field(default_factory=list)  # the concepts that flagged it
     tokens: dict[str, list[int]] = field(default_factory=dict)  # positions whose energy exceeded the threshold
+    error: float | None = None  # largest relative reconstruction error of the SAE over the real tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,12 +69,22 @@ class ConceptPolicy:
         fired = torch.stack([f for _, f in per_concept], -1) if per_concept else \
             torch.zeros(codes.values.shape[0], 0, dtype=torch.bool, device=codes.values.device)  # (N, C)
         flagged = scores > self.thresholds
-        self._state.verdicts = self._verdicts(scores, flagged, fired, call)
+        self._state.verdicts = self._verdicts(scores, flagged, fired, call, self._errors(call))
         token_flags = flagged[call.prompt_index]  # (N, C)
         member_of = self.members.T[codes.indices]  # (N, k, C)
         return (member_of & token_flags[:, None, :]).any(-1) & (codes.values != 0)
 
-    def _verdicts(self, scores: Tensor, flagged: Tensor, fired: Tensor, call: GateCall) -> list[Verdict]:
+    def _errors(self, call: GateCall) -> list[float | None]:
+        """Per input, the largest relative reconstruction error over its real tokens (None without the states)."""
+        if call.states is None:
+            return [None] * call.n_prompts
+        x = call.states
+        relative = (x - self.sae.decode(call.codes)).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
+        worst = relative.new_zeros(call.n_prompts).scatter_reduce(0, call.prompt_index, relative, "amax")
+        return worst.tolist()
+
+    def _verdicts(self, scores: Tensor, flagged: Tensor, fired: Tensor, call: GateCall,
+                  errors: list[float | None]) -> list[Verdict]:
         names = [c.name for c in self.concepts]
         thresholds = dict(zip(names, self.thresholds.tolist()))
         verdicts = []
@@ -83,12 +98,14 @@ class ConceptPolicy:
                     if flagged_list[b][c]:
                         tokens[name] = call.token_index[rows & fired[:, c]].tolist()
             action = "pass" if not hits else (self.action if call.editing else "flag")
-            verdicts.append(Verdict(bool(hits), dict(zip(names, scores_list[b])), thresholds, action, hits, tokens))
+            verdicts.append(Verdict(bool(hits), dict(zip(names, scores_list[b])), thresholds, action, hits, tokens,
+                                    errors[b]))
         return verdicts
 
 
 def merge_verdicts(per_gate: Sequence[Sequence[Verdict]]) -> list[Verdict]:
-    """One verdict per input from several gates: flagged by any; per concept the gate with the largest margin."""
+    """One verdict per input from several gates: flagged by any; per concept the gate with the largest margin;
+    the largest reconstruction error of any gate."""
     per_gate = [v for v in per_gate if v]
     if not per_gate:
         return []
@@ -107,5 +124,7 @@ def merge_verdicts(per_gate: Sequence[Sequence[Verdict]]) -> list[Verdict]:
                     hits.append(name)
                 tokens.setdefault(name, part.tokens.get(name, []))
         actions = [p.action for p in parts if p.action != "pass"]
-        merged.append(Verdict(bool(hits), scores, thresholds, actions[0] if actions else "pass", hits, tokens))
+        errors = [p.error for p in parts if p.error is not None]
+        merged.append(Verdict(bool(hits), scores, thresholds, actions[0] if actions else "pass", hits, tokens,
+                              max(errors) if errors else None))
     return merged

@@ -90,7 +90,9 @@ def _concepts(t2i: Any, names: Sequence[str] | None) -> list[Any]:
 def verdict_rates(t2i: Any, concept: Any, data_dir: str | None = None) -> dict[str, dict[str, float]]:
     """Share of prompts the concept flags, per ShapesWorld caption set (train, heldout, paraphrase) and side
     (target: shows the concept; retain: does not), and on COCO test captions; classified by the recipe's SAE on
-    the text encoder alone, as the pipeline calls it (attention mask, real tokens)."""
+    the text encoder alone, as the pipeline calls it (attention mask, real tokens). With a UNet stage for the
+    concept, also the share it would judge (`target_unread`, `retain_unread`: unflagged, error above its
+    `unread_error`)."""
     from tqdm.auto import tqdm
 
     from ..adapters.guard import guard
@@ -99,6 +101,7 @@ def verdict_rates(t2i: Any, concept: Any, data_dir: str | None = None) -> dict[s
 
     model, tokenizer = load_model(t2i.recipe)
     g = guard(model, sae=t2i.sae, concepts=[concept], hookpoint=t2i.recipe.hookpoint, tokenizer=tokenizer)
+    stage = t2i.unet_stage_for([concept])
     rates: dict[str, dict[str, float]] = {}
     try:
         sets = evaluation_sets(concept.name, data_dir)
@@ -107,19 +110,25 @@ def verdict_rates(t2i: Any, concept: Any, data_dir: str | None = None) -> dict[s
             for side in ("target", "retain"):
                 prompts = getattr(split, side)
                 if prompts:
-                    flagged = sum(v.flagged for v in g.classify(prompts, batch_size=64))
-                    rates[name][side] = round(flagged / len(prompts), 4)
+                    verdicts = g.classify(prompts, batch_size=64)
+                    rates[name][side] = round(sum(v.flagged for v in verdicts) / len(prompts), 4)
                     rates[name][f"n_{side}"] = len(prompts)
+                    if stage is not None:
+                        unread = sum(not v.flagged and v.error > stage.unread_error for v in verdicts)
+                        rates[name][f"{side}_unread"] = round(unread / len(prompts), 4)
     finally:
         g.detach()
     return rates
 
 
 def _verdict_section(rates: dict[str, dict[str, float]], concept: str) -> str:
+    staged = any("target_unread" in r or "retain_unread" in r for r in rates.values())
+    unread = ("<th>left to the UNet stage, shows / does not</th>" if staged else "")
     rows = "".join(f"<tr><th>{name}</th><td>{_cell(r.get('target'))}</td><td>{_cell(r.get('retain'))}</td>"
-                   f"<td>{r.get('n_target', 0)} / {r.get('n_retain', 0)}</td></tr>" for name, r in rates.items())
+                   + (f"<td>{_cell(r.get('target_unread'))} / {_cell(r.get('retain_unread'))}</td>" if staged else "")
+                   + f"<td>{r.get('n_target', 0)} / {r.get('n_retain', 0)}</td></tr>" for name, r in rates.items())
     return (f"<h2>Classifier verdicts for {concept!r} (text only)</h2><table><tr><th>caption set</th>"
-            f"<th>flagged, shows {concept}</th><th>flagged, does not</th><th>n</th></tr>{rows}</table>")
+            f"<th>flagged, shows {concept}</th><th>flagged, does not</th>{unread}<th>n</th></tr>{rows}</table>")
 
 
 def _cell(value: float | None) -> str:
@@ -161,7 +170,8 @@ def run_demo(args: argparse.Namespace) -> int:
     pipe = _pipeline(t2i)
     settings = _settings(t2i.settings, args.steps)
     prompts = shapes_prompts(first.name, args.n)
-    methods = [Unguarded(), Gate(t2i.sae, concepts, t2i.hookpoint, t2i.edit)]
+    stage = _unet_stage(t2i, concepts, settings)
+    methods = [Unguarded(), Gate(t2i.sae, concepts, t2i.hookpoint, t2i.edit, stage)]
     _log(f"drawing {len(prompts)} prompts x {len(methods)} methods ({settings.steps} steps, "
          f"{settings.image_size}px); erasing {[c.name for c in concepts]} at {t2i.hookpoint}")
     result = run_suite(pipe, methods, prompts, ShapesScorer(first.name), settings, seed=t2i.seed)
@@ -169,6 +179,7 @@ def run_demo(args: argparse.Namespace) -> int:
     facts = {"recipe": t2i.recipe.name, "erased": [c.name for c in concepts], "hookpoint": t2i.hookpoint,
              "edit": f"{t2i.edit.mode} (strength {t2i.edit.strength})", "steps": settings.steps,
              "guidance_scale": settings.guidance_scale, "seed": t2i.seed, "verdicts": rates,
+             "unet_stage": _stage_facts(stage),
              "seconds": round(time.perf_counter() - started, 1)}
     write_report(out, result, f"sae-guard demo: erasing {', '.join(c.name for c in concepts)}", facts,
                  [_verdict_section(rates, first.name)])
@@ -178,6 +189,28 @@ def run_demo(args: argparse.Namespace) -> int:
         + "  (flagged when shown / when not)")
     print(f"report: {out / 'report.html'}  ({facts['seconds']} s)")
     return 0
+
+
+def _unet_stage(t2i: Any, concepts: Sequence[Any], settings: Any) -> Any:
+    """The recipe's UNet stage when it judges one of `concepts`, refused when sampling never reaches it."""
+    from .methods import Gate
+
+    stage = t2i.unet_stage_for(concepts)
+    try:
+        Gate.check_steps(stage, settings.steps)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return stage
+
+
+def _stage_facts(stage: Any) -> dict[str, Any] | None:
+    """What the report says of a UNet stage: where and when it judges, which prompts, its calibration."""
+    if stage is None:
+        return None
+    calibration = stage.concept.calibration
+    return {"block": stage.block, "detect_step": stage.detect_step, "unread_error": stage.unread_error,
+            "edit": f"{stage.edit.mode} (strength {stage.edit.strength})", "threshold": stage.concept.threshold,
+            "calibration": {k: calibration.get(k) for k in ("fpr", "tpr", "n_features")}}
 
 
 def _settings(settings: Any, steps: int | None) -> Any:
@@ -216,7 +249,8 @@ def run_generate(args: argparse.Namespace) -> int:
     concepts = _concepts(t2i, args.concept)
     settings = _settings(t2i.settings, args.steps)
     pipe = _pipeline(t2i)
-    guard = Gate.attach(pipe, t2i.sae, concepts, t2i.hookpoint, t2i.edit)
+    stage = _unet_stage(t2i, concepts, settings)
+    guard = Gate.attach(pipe, t2i.sae, concepts, t2i.hookpoint, t2i.edit, stage)
     verdicts: list[Any] = []
     try:
         if args.no_guard:
@@ -307,7 +341,8 @@ def run_bench(args: argparse.Namespace) -> int:
     itd = InterpretThenDeactivate(t2i.sae, itd_concept.features, t2i.hookpoint)
     itd.calibrate(pipe, data.fit.target)
 
-    methods = [Unguarded(), Gate(t2i.sae, [concept], t2i.hookpoint, t2i.edit), KeywordFilter([concept.name]),
+    stage = _unet_stage(t2i, [concept], settings)
+    methods = [Unguarded(), Gate(t2i.sae, [concept], t2i.hookpoint, t2i.edit, stage), KeywordFilter([concept.name]),
                NegativePrompt(concept.name), itd]
     _log(f"drawing {len(prompts)} prompts x {len(methods)} methods ({settings.steps} steps)")
     result = run_suite(pipe, methods, prompts, scorer, settings, seed=t2i.seed)
@@ -316,6 +351,7 @@ def run_bench(args: argparse.Namespace) -> int:
              "guidance_scale": settings.guidance_scale, "seed": t2i.seed,
              "gate_threshold": concept.threshold, "gate_features": int(concept.features.numel()),
              "itd_threshold": itd.threshold, "itd_features": int(itd.features.numel()),
+             "unet_stage": _stage_facts(stage),
              "seconds": round(time.perf_counter() - started, 1)}
     write_report(out, result, f"sae-guard bench erasure: {concept.name} ({t2i.recipe.name})", facts)
     print(result.table())

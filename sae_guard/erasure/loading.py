@@ -9,6 +9,9 @@ encoder, so `sae-guard train` and `classify` work on the encoder alone) and adds
     guidance_scale = 4.0
     [guard]                     # what `demo`, `generate` and `bench` erase by default (recipes.GuardSpec)
     concepts = ["red"]
+    [guard.unet]                # optional: a second judge inside the UNet (adapters.unet_stage), built by
+    block = "up_blocks.1.attentions.1"   # `sae-guard train` into the assets' unet/ folder (unet_stage_build)
+    prompts = "sae_guard.shapes.concepts:unet_stage_prompts"
 
 `PIPELINES` maps a recipe's `[model] kind` to the function loading its pipeline.
 """
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.unet_stage import UNetStage
 from ..concepts.concept import Concept, load_concepts
 from ..hooks.gate import Edit
 from ..recipes import Recipe, RecipeError, load_recipe
@@ -38,6 +42,7 @@ def _shapes_pipeline(recipe: Recipe, device: str | torch.device) -> Any:
 
 PIPELINES: dict[str, Callable[[Recipe, str | torch.device], Any]] = {"shapes-t2i": _shapes_pipeline}
 TEXT_ENCODER = "text_encoder"
+UNET_STAGE_FOLDER = "unet"
 
 
 @dataclass
@@ -51,6 +56,12 @@ class T2IRecipe:
     erase: list[str]  # the [guard] concepts
     edit: Edit
     seed: int
+    unet_stage: UNetStage | None = None  # [guard.unet], for the first [guard] concept
+
+    def unet_stage_for(self, concepts: Sequence[Concept]) -> UNetStage | None:
+        """The UNet stage when it judges one of `concepts` (it was built for one concept only)."""
+        stage = self.unet_stage
+        return stage if stage is not None and stage.concept.name in {c.name for c in concepts} else None
 
     @property
     def hookpoint(self) -> str:
@@ -74,8 +85,10 @@ def recipe_tables(recipe: Recipe) -> dict[str, Any]:
     return tomllib.loads(recipe.text) if recipe.text else {}
 
 
-def load_t2i_recipe(name: str | Path | Recipe, assets: str | Path | None = None) -> T2IRecipe:
-    """The recipe, its SAE and concepts (from its assets), its drawing settings and its [guard] defaults."""
+def load_t2i_recipe(name: str | Path | Recipe, assets: str | Path | None = None, unet_stage: bool = True
+                    ) -> T2IRecipe:
+    """The recipe, its SAE and concepts (from its assets), its drawing settings and its [guard] defaults, and its
+    UNet stage when it has a [guard.unet] table (`unet_stage=False`: not loaded, as when it is being built)."""
     recipe = load_recipe(name)
     if recipe.model.kind not in PIPELINES:
         raise RecipeError(f"recipe {recipe.name!r} is not a text-to-image recipe (model kind {recipe.model.kind!r}; "
@@ -92,8 +105,14 @@ def load_t2i_recipe(name: str | Path | Recipe, assets: str | Path | None = None)
         seed = int(t2i_table.get("seed", 0))
     except (TypeError, ValueError) as error:
         raise RecipeError(f"recipe {recipe.name!r}: bad [t2i] value ({error})") from None
+    stage = None
+    if recipe.guard.unet is not None and unet_stage:
+        if not (folder / UNET_STAGE_FOLDER).is_dir():
+            raise FileNotFoundError(f"recipe {recipe.name!r} has a [guard.unet] table but no {UNET_STAGE_FOLDER}/ "
+                                    f"in {folder}; build it with `sae-guard train {recipe.name} --data DIR`")
+        stage = UNetStage.load(folder / UNET_STAGE_FOLDER)
     return T2IRecipe(recipe, SAE.load(folder / "sae"), load_concepts(folder / "concepts"), settings,
-                     list(recipe.guard.concepts), recipe.guard.edit, seed)
+                     list(recipe.guard.concepts), recipe.guard.edit, seed, stage)
 
 
 def load_t2i_pipeline(recipe: Recipe, device: str | torch.device = "cpu") -> Any:

@@ -4,7 +4,8 @@
 
 - `Unguarded`: the pipeline as it is (the reference every other method is compared with);
 - `Gate`: sae_guard's gate (`guard_pipeline`): flagged prompts get the concept's latents edited as a delta at the
-  hookpoint, unflagged prompts pass bit-identical;
+  hookpoint, unflagged prompts pass bit-identical; with a recipe's UNet stage (`adapters.unet_stage`), the
+  prompts it did not flag but could not fully read are judged again while their image is drawn;
 - `KeywordFilter`: a prompt naming one of the concept's words has those words deleted;
 - `NegativePrompt`: the concept's name as the negative prompt of every prompt;
 - `InterpretThenDeactivate`: ItD (Tian et al. 2025) as released: the concept's features are the union of each
@@ -33,9 +34,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..adapters.diffusers import guard_pipeline
+from ..adapters.diffusers import PipelineGuard, guard_pipeline
+from ..adapters.unet_stage import AttachedUNetStage, UNetStage
 from ..concepts.concept import Concept
-from ..concepts.policy import Verdict
+from ..concepts.policy import Verdict, merge_verdicts
 from ..hooks.gate import Edit
 from ..hooks.hookpoints import find_hookpoint, hook_hidden
 from ..sae.base import SAE
@@ -113,21 +115,58 @@ class Unguarded(Method):
         return Generation(images, [False] * len(prompts), [None] * len(prompts))
 
 
+class GuardedPipeline:
+    """The text guard on a pipeline and, when given, the UNet stage: one merged verdict per prompt."""
+
+    def __init__(self, text: PipelineGuard, stage: AttachedUNetStage | None = None) -> None:
+        self.text, self.stage = text, stage
+
+    @property
+    def gates(self) -> list[Any]:
+        return [*self.text.gates, *([self.stage.gate] if self.stage else [])]
+
+    @property
+    def last_verdicts(self) -> list[Verdict]:
+        text = self.text.last_verdicts
+        judged = self.stage.last_verdicts if self.stage else []
+        if len(judged) != len(text):
+            return text
+        return [merge_verdicts([[t], [u]])[0] if u is not None else t for t, u in zip(text, judged)]
+
+    def detach(self) -> None:
+        if self.stage:
+            self.stage.detach()
+        self.text.detach()
+
+
 class Gate(Method):
-    """sae_guard's gate on the pipeline's text encoder (fitted concepts; only the positive prompt is edited)."""
+    """sae_guard's gate on the pipeline's text encoder (fitted concepts; only the positive prompt is edited), with
+    the recipe's UNet stage behind it when it has one."""
 
     name = "sae-guard gate"
 
-    def __init__(self, sae: SAE, concepts: Sequence[Concept], hookpoint: str, edit: Edit | None = None) -> None:
+    def __init__(self, sae: SAE, concepts: Sequence[Concept], hookpoint: str, edit: Edit | None = None,
+                 unet_stage: UNetStage | None = None) -> None:
         self.sae, self.concepts, self.hookpoint, self.edit = sae, list(concepts), hookpoint, edit or Edit()
+        self.unet_stage = unet_stage
 
     @staticmethod
-    def attach(pipe: Any, sae: SAE, concepts: Sequence[Concept], hookpoint: str, edit: Edit | None = None) -> Any:
-        return guard_pipeline(pipe, sae=sae, concepts=list(concepts), hookpoint=hookpoint, edit=edit or Edit())
+    def attach(pipe: Any, sae: SAE, concepts: Sequence[Concept], hookpoint: str, edit: Edit | None = None,
+               unet_stage: UNetStage | None = None) -> GuardedPipeline:
+        text = guard_pipeline(pipe, sae=sae, concepts=list(concepts), hookpoint=hookpoint, edit=edit or Edit())
+        return GuardedPipeline(text, unet_stage.attach(pipe, text) if unet_stage else None)
+
+    @staticmethod
+    def check_steps(unet_stage: UNetStage | None, steps: int) -> None:
+        """Refuse sampling too short for the UNet stage to judge (its prompts would pass unjudged)."""
+        if unet_stage is not None and steps <= unet_stage.detect_step:
+            raise ValueError(f"the UNet stage judges at step {unet_stage.detect_step} (counted from 0); {steps} "
+                             "steps never reach it")
 
     def generate(self, pipe: Any, prompts: Sequence[str], seeds: Sequence[int], settings: T2ISettings) -> Generation:
         verdicts: list[Verdict] = []
-        guard = self.attach(pipe, self.sae, self.concepts, self.hookpoint, self.edit)
+        self.check_steps(self.unet_stage, settings.steps)
+        guard = self.attach(pipe, self.sae, self.concepts, self.hookpoint, self.edit, self.unet_stage)
         try:
             images = draw(pipe, prompts, seeds, settings, desc=self.name,
                           after_batch=lambda: verdicts.extend(guard.last_verdicts))

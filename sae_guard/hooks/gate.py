@@ -96,6 +96,7 @@ class GateCall:
     token_index: Tensor  # (N,) its position within that input
     n_prompts: int
     editing: bool  # False: score only (classify), never edit
+    states: Tensor | None = None  # (N, d) the fp32 states the codes were encoded from (for reconstruction error)
 
 
 class Decide(Protocol):
@@ -180,9 +181,10 @@ class Gate:
             )
         real = _real_tokens(mask, batch, tokens, hidden3.device)
         prompt_index, token_index = real.nonzero(as_tuple=True)
-        codes = self._encode(hidden3, prompt_index, token_index)
+        states = self._states(hidden3, prompt_index, token_index)
+        codes = self.sae.encode_sparse(states)
         device = codes.values.device
-        call = GateCall(codes, prompt_index.to(device), token_index.to(device), batch, editing)
+        call = GateCall(codes, prompt_index.to(device), token_index.to(device), batch, editing, states)
         chosen = self.decide(call)
         if not editing or not bool(chosen.any()):
             return None
@@ -193,12 +195,12 @@ class Gate:
         self._edit_other_positions(out, hidden3, real, call, codes, chosen)
         return out if hidden.ndim == 3 else out[0]
 
-    def _encode(self, hidden: Tensor, b: Tensor, t: Tensor) -> SparseCodes:
-        """SAE codes (fp32, on the SAE's device) of the states at positions (b, t), refusing NaN and inf."""
+    def _states(self, hidden: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        """The states at positions (b, t) in fp32 on the SAE's device, refusing NaN and inf."""
         x = hidden[b, t].to(self.sae.W_enc.device, torch.float32)
         if not torch.isfinite(x).all():
             raise ValueError(f"non-finite activations (NaN/inf) at {self.hookpoint.name}; the model is unchanged")
-        return self.sae.encode_sparse(x)
+        return x
 
     def _edit_rows(self, out: Tensor, hidden: Tensor, b: Tensor, t: Tensor, codes: SparseCodes, chosen: Tensor
                    ) -> None:
@@ -216,7 +218,7 @@ class Gate:
         b, t = others.nonzero(as_tuple=True)
         if not b.numel():
             return
-        there = self._encode(hidden, b, t)
+        there = self.sae.encode_sparse(self._states(hidden, b, t))
         keys = b.to(there.indices.device)[:, None] * d_sae + there.indices
         chosen_there = torch.isin(keys, edited) & (there.values != 0)
         rows = chosen_there.any(-1)

@@ -69,7 +69,8 @@ def _sort_header(file: Path) -> None:
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None):
-    """Load any supported SAE folder; refuse pickles with a message that says what to do instead."""
+    """Load any supported SAE folder, in eval mode (ready to encode, as a trained SAE leaves `train`); refuse
+    pickles with a message that says what to do instead."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise SAEFormatError(
@@ -97,6 +98,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None):
         sae = _from_sparsify(cfg, weights) if "encoder.weight" in weights else _from_sae_guard(cfg, weights)
     else:
         raise SAEFormatError(f"{path} has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {SAELENS_WEIGHTS}")
+    sae.train(False)
     return sae.to(device) if device is not None else sae
 
 

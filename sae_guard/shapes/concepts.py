@@ -153,3 +153,24 @@ def _dataset_function(name: str):
 for _name in CONCEPT_NAMES:
     globals()[f"{concept_kind(_name)}_{_name}"] = _dataset_function(_name)
 del _name
+
+
+UNET_STAGE_SEEDS = {"sae": 7000, "fit": 7100, "calibrate": 7200}  # world seeds no concept split or bench uses
+
+
+def unet_stage_prompts(name: str, n: int) -> tuple[list[str], Split, Split]:
+    """The captions a recipe's `[guard.unet]` stage is built from (`prompts = "...:unet_stage_prompts"`):
+    n `train` captions of the whole world for its SAE; and single-shape captions for its concept, n // 2 showing
+    `name` against n showing only the other colours (or shapes), once to fit (world seeds 7100-7101) and once
+    to calibrate (7200-7201). Images are judged against the world's other values of the same attribute, so the
+    threshold is set where the stage has to tell red from orange, not red from an empty picture."""
+    kind = concept_kind(name)
+    others = tuple(v for v in (COLOURS if kind == "colour" else SHAPES) if v != name)
+    key = "colours" if kind == "colour" else "shapes"
+    splits = []
+    for split in ("fit", "calibrate"):
+        seed = UNET_STAGE_SEEDS[split]
+        shows = ShapesWorld(two_shape_prob=0.0, **{key: (name,)}).sample(n // 2, seed, "train")[2]
+        lacks = ShapesWorld(two_shape_prob=0.0, **{key: others}).sample(n, seed + 1, "train")[2]
+        splits.append(Split(list(shows), list(lacks)))
+    return list(ShapesWorld().sample(n, UNET_STAGE_SEEDS["sae"], "train")[2]), splits[0], splits[1]
