@@ -179,8 +179,15 @@ def test_build_into_assets_then_the_recipe_loads_its_stage(tiny_recipe_pipeline,
     assert report["channels"] == 32 and report["concept"]["name"] == "red"
     assert report["concept"]["n_calibrate_target"] == 2 and report["concept"]["n_calibrate_retain"] == 4
     t2i = loading.load_t2i_recipe(recipe, assets)
-    assert t2i.unet_stage.block == BLOCK and t2i.unet_stage.concept.fitted
+    assert t2i.unet_stage.block == BLOCK and t2i.unet_stage.concept.fitted and t2i.unet_stage.unread_error == 0.5
     assert t2i.unet_stage_for(t2i.concepts_named(["red"])) is t2i.unet_stage
+    recipe.write_text(recipe.read_text() + "unread_error = 0.7\nstrength = -2.0\n")  # runtime settings: no rebuild
+    stage = loading.load_t2i_recipe(recipe, assets).unet_stage
+    assert stage.unread_error == 0.7 and stage.edit == Edit("deactivate", -2.0)
+    recipe.write_text(recipe.read_text().replace("detect_step = 1", "detect_step = 0"))
+    with pytest.raises(RecipeError, match="rebuild"):
+        loading.load_t2i_recipe(recipe, assets)
+    recipe.write_text(recipe.read_text().replace("detect_step = 0", "detect_step = 1"))
     out, prompts = tmp_path / "images", tmp_path / "prompts.txt"
     prompts.write_text("a crimson circle\n")
     assert cli.main(["generate", str(recipe), "--prompts", str(prompts), "--out", str(out), "--seed", "0", "--assets",

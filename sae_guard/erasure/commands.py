@@ -92,7 +92,7 @@ def verdict_rates(t2i: Any, concept: Any, data_dir: str | None = None) -> dict[s
     (target: shows the concept; retain: does not), and on COCO test captions; classified by the recipe's SAE on
     the text encoder alone, as the pipeline calls it (attention mask, real tokens). With a UNet stage for the
     concept, also the share it would judge (`target_unread`, `retain_unread`: unflagged, error above its
-    `unread_error`)."""
+    `unread_error`) and the largest error (`target_error_max`, ...)."""
     from tqdm.auto import tqdm
 
     from ..adapters.guard import guard
@@ -116,6 +116,7 @@ def verdict_rates(t2i: Any, concept: Any, data_dir: str | None = None) -> dict[s
                     if stage is not None:
                         unread = sum(not v.flagged and v.error > stage.unread_error for v in verdicts)
                         rates[name][f"{side}_unread"] = round(unread / len(prompts), 4)
+                        rates[name][f"{side}_error_max"] = round(max(v.error for v in verdicts), 4)
     finally:
         g.detach()
     return rates

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +110,21 @@ def load_t2i_recipe(name: str | Path | Recipe, assets: str | Path | None = None,
         if not (folder / UNET_STAGE_FOLDER).is_dir():
             raise FileNotFoundError(f"recipe {recipe.name!r} has a [guard.unet] table but no {UNET_STAGE_FOLDER}/ "
                                     f"in {folder}; build it with `sae-guard train {recipe.name} --data DIR`")
-        stage = UNetStage.load(folder / UNET_STAGE_FOLDER)
+        stage = _stage_as_recipe_says(recipe, UNetStage.load(folder / UNET_STAGE_FOLDER))
     return T2IRecipe(recipe, SAE.load(folder / "sae"), load_concepts(folder / "concepts"), settings,
                      list(recipe.guard.concepts), recipe.guard.edit, seed, stage)
+
+
+def _stage_as_recipe_says(recipe: Recipe, stage: UNetStage) -> UNetStage:
+    """The built stage with the recipe's runtime settings (which prompts it judges, its edit), refused when the
+    recipe now asks for another block or detect step than it was built for."""
+    spec = recipe.guard.unet
+    built, asked = (stage.block, stage.detect_step), (spec.block, spec.detect_step)
+    if built != asked:
+        raise RecipeError(f"recipe {recipe.name!r}: its UNet stage was built for block {built[0]!r} at step "
+                          f"{built[1]}, the recipe asks for {asked[0]!r} at step {asked[1]}; rebuild it with "
+                          f"`python -m sae_guard.erasure.unet_stage_build {recipe.name}`")
+    return replace(stage, unread_error=spec.unread_error, edit=spec.edit)
 
 
 def load_t2i_pipeline(recipe: Recipe, device: str | torch.device = "cpu") -> Any:
