@@ -39,6 +39,9 @@ Format (every key but `name`, `hookpoint`, `[model] kind` and the concepts' `nam
     concepts = ["nudity"]                   #   the concepts it gates (default: every concept of the recipe)
     mode = "deactivate"                     #   the edit on flagged tokens (sae_guard.Edit), default deactivate
     strength = 0.0                          #   with strength 0
+    [guard.unet]                            # text-to-image recipes: a judge inside the UNet for prompts the
+    block = "up_blocks.1.attentions.1"      #   SAE cannot fully read (UNetStageSpec; pipelines/shapes.toml)
+    prompts = "module:function"
 
 Functions: a bare name ("coco") is a function of sae_guard.prompts; "package.module:function" names any other
 (e.g. "sae_guard.shapes.concepts:colour_red"). Set functions are called as f(folder=DATA_DIR); concept-dataset
