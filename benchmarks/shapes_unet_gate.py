@@ -30,13 +30,12 @@ from sae_guard.erasure.methods import Gate, Unguarded
 from sae_guard.erasure.scorers import BenchPrompt, ShapesScorer
 from sae_guard.erasure.suite import BENCH_WORLD_SEED, run_suite, shapes_prompts
 from sae_guard.erasure.unet_stage_build import build_unet_stages
-from sae_guard.shapes.world import COLOURS, ShapesWorld
+from sae_guard.shapes.concepts import single_shape_worlds
 
 
 def other_paraphrases(concept: str, n: int, seed: int) -> list[BenchPrompt]:
     """Single-shape prompts saying another colour in other words (the world's paraphrase set)."""
-    world = ShapesWorld(two_shape_prob=0.0, colours=tuple(c for c in COLOURS if c != concept))
-    _, labels, captions = world.sample(n, seed, "paraphrase")
+    _, labels, captions = single_shape_worlds(concept)[1].sample(n, seed, "paraphrase")
     return [BenchPrompt(text, "other paraphrase", scene) for text, scene in zip(captions, labels)]
 
 

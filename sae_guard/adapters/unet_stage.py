@@ -62,8 +62,13 @@ class UNetStage:
             raise ValueError(f"the UNet stage's concept {self.concept.name!r} is not fitted")
         if self.detect_step < 0:
             raise ValueError(f"detect_step must be >= 0, got {self.detect_step}")
-        if not 0 <= self.unread_error:
+        if self.unread_error < 0:
             raise ValueError(f"unread_error must be >= 0, got {self.unread_error}")
+
+    def judges(self, verdict: Verdict) -> bool:
+        """Whether the text gate's verdict leaves the prompt to this stage: not flagged, and not fully read (no
+        error recorded counts as not read)."""
+        return not verdict.flagged and (verdict.error is None or verdict.error > self.unread_error)
 
     def attach(self, pipe: Any, text_guard: Guard) -> "AttachedUNetStage":
         return AttachedUNetStage(self, pipe, text_guard)
@@ -155,8 +160,7 @@ class AttachedUNetStage:
         verdicts = self.text_guard.last_verdicts
         if len(verdicts) != n_prompts:  # the text gate saw no text this call
             return torch.ones(n_prompts, dtype=torch.bool)
-        return torch.tensor([not v.flagged and (v.error is None or v.error > self.stage.unread_error)
-                             for v in verdicts])
+        return torch.tensor([self.stage.judges(v) for v in verdicts])
 
     def _decide(self, call: GateCall) -> Tensor:
         chosen = torch.zeros_like(call.codes.values, dtype=torch.bool)

@@ -56,7 +56,7 @@ def readout_scores(codes: SparseCodes, input_index: Tensor, n_inputs: int, slot:
     feature's maximum (what the score rests on). `slot` is `feature_slots` of the readout's features; the work is
     on their columns only, never on all of d_sae."""
     n_features = weights.numel()
-    entry_slot = slot.to(codes.indices.device)[codes.indices]  # (N, k): the latent's position in `features`, -1 for other latents
+    entry_slot = slot.to(codes.indices.device)[codes.indices]  # (N, k): the latent's slot, -1 for other latents
     inside = entry_slot >= 0
     entry_slot = entry_slot.clamp_min(0)
     values = torch.where(inside, codes.values.clamp_min(0), torch.zeros_like(codes.values))

@@ -114,7 +114,7 @@ def verdict_rates(t2i: Any, concept: Any, data_dir: str | None = None) -> dict[s
                     rates[name][side] = round(sum(v.flagged for v in verdicts) / len(prompts), 4)
                     rates[name][f"n_{side}"] = len(prompts)
                     if stage is not None:
-                        unread = sum(not v.flagged and v.error > stage.unread_error for v in verdicts)
+                        unread = sum(stage.judges(v) for v in verdicts)
                         rates[name][f"{side}_unread"] = round(unread / len(prompts), 4)
                         rates[name][f"{side}_error_max"] = round(max(v.error for v in verdicts), 4)
     finally:

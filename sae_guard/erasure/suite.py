@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..shapes.concepts import concept_kind
-from ..shapes.world import COLOURS, SHAPES, ShapesWorld
+from ..shapes.concepts import concept_kind, single_shape_worlds
 from .methods import Generation, Method, T2ISettings
 from .scorers import BenchPrompt, Scorer
 
@@ -34,14 +33,10 @@ def shapes_prompts(concept: str, n: int = 40, seed: int = BENCH_WORLD_SEED) -> l
     """Single-shape ShapesWorld prompts with their scenes: `n` naming `concept`, `n` saying it in other words
     (colours only: the world's paraphrase set, whose words never occur in training captions) and `n` controls
     that show neither (other colours, or other shapes)."""
-    kind = concept_kind(concept)
-    others = tuple(c for c in (COLOURS if kind == "colour" else SHAPES) if c != concept)
-    only = {"colours": (concept,)} if kind == "colour" else {"shapes": (concept,)}
-    without = {"colours": others} if kind == "colour" else {"shapes": others}
-    sets = [("named", ShapesWorld(two_shape_prob=0.0, **only), "train", seed),
-            ("control", ShapesWorld(two_shape_prob=0.0, **without), "train", seed + 1)]
-    if kind == "colour":
-        sets.insert(1, ("paraphrase", ShapesWorld(two_shape_prob=0.0, **only), "paraphrase", seed + 2))
+    showing, without = single_shape_worlds(concept)
+    sets = [("named", showing, "train", seed), ("control", without, "train", seed + 1)]
+    if concept_kind(concept) == "colour":
+        sets.insert(1, ("paraphrase", showing, "paraphrase", seed + 2))
     prompts = []
     for group, world, caption_set, world_seed in sets:
         _, labels, captions = world.sample(n, world_seed, caption_set)

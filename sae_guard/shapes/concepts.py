@@ -155,6 +155,14 @@ for _name in CONCEPT_NAMES:
 del _name
 
 
+def single_shape_worlds(name: str) -> tuple[ShapesWorld, ShapesWorld]:
+    """One-shape worlds whose shape shows the colour (or shape) `name`, and whose shape shows one of the others."""
+    kind = concept_kind(name)
+    key = "colours" if kind == "colour" else "shapes"
+    others = tuple(v for v in (COLOURS if kind == "colour" else SHAPES) if v != name)
+    return ShapesWorld(two_shape_prob=0.0, **{key: (name,)}), ShapesWorld(two_shape_prob=0.0, **{key: others})
+
+
 UNET_STAGE_SEEDS = {"sae": 7000, "fit": 7100, "calibrate": 7200}  # world seeds no concept split or bench uses
 
 
@@ -164,13 +172,11 @@ def unet_stage_prompts(name: str, n: int) -> tuple[list[str], Split, Split]:
     `name` against n showing only the other colours (or shapes), once to fit (world seeds 7100-7101) and once
     to calibrate (7200-7201). Images are judged against the world's other values of the same attribute, so the
     threshold is set where the stage has to tell red from orange, not red from an empty picture."""
-    kind = concept_kind(name)
-    others = tuple(v for v in (COLOURS if kind == "colour" else SHAPES) if v != name)
-    key = "colours" if kind == "colour" else "shapes"
+    showing, without = single_shape_worlds(name)
     splits = []
     for split in ("fit", "calibrate"):
         seed = UNET_STAGE_SEEDS[split]
-        shows = ShapesWorld(two_shape_prob=0.0, **{key: (name,)}).sample(n // 2, seed, "train")[2]
-        lacks = ShapesWorld(two_shape_prob=0.0, **{key: others}).sample(n, seed + 1, "train")[2]
+        shows = showing.sample(n // 2, seed, "train")[2]
+        lacks = without.sample(n, seed + 1, "train")[2]
         splits.append(Split(list(shows), list(lacks)))
     return list(ShapesWorld().sample(n, UNET_STAGE_SEEDS["sae"], "train")[2]), splits[0], splits[1]
