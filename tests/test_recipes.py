@@ -164,7 +164,7 @@ def test_saving_assets_swaps_the_folder_whole_and_a_failure_keeps_the_old_one(tm
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(recipes, "save_concepts", disk_full)
+    monkeypatch.setattr(recipes.assets, "save_concepts", disk_full)
     with pytest.raises(OSError, match="disk full"):
         recipes.save_assets(recipe, sae, [concept], out, {"build": 3})
     assert _assets(out) == before
@@ -243,3 +243,8 @@ def test_non_finite_activations_are_refused_and_the_model_is_unchanged(shipped_g
 def test_load_guard_without_assets_says_how_to_build_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="sae-guard train minilm-prompts"):
         recipes.load_guard(SHIPPED, assets=tmp_path)
+
+
+def test_an_unknown_recipe_kind_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match="recipe kind 'telepathy' is unknown"):
+        recipes.load_recipe(write_recipe(tmp_path, "kind = 'telepathy'\n" + GOOD))
