@@ -11,8 +11,8 @@ activations in the model, reported in one line; the model is left as it was).
 
 Verdicts on odd prompts: an empty (or blank) line asks for nothing, so it is not run through the model: it is not
 flagged and every score is 0 (`Guard.classify`; the MiniLM classifier would otherwise score the bare [CLS] [SEP]
-tokens, which its nudity latents fire on). A prompt longer than the model's context is classified on its first
-tokens, as the model itself would read it. Both are counted in a note on stderr.
+tokens, which its nudity latents fire on). A prompt longer than the model's context is scored over every window of
+it, the largest score kept (`Verdict.windows`). Both are counted in a note on stderr.
 """
 
 from __future__ import annotations
@@ -94,15 +94,15 @@ def _classify(args: argparse.Namespace) -> int:
     written = [p for p in prompts if p.strip()]
     try:
         verdicts = g.classify(prompts, batch_size=args.batch_size)
-        truncated = _count_truncated(g.tokenizers[0], written)
     finally:
         g.detach()
     empty = len(prompts) - len(written)
     if empty:
         print(f"note: {empty} empty line(s) not classified (not flagged, scores 0)", file=sys.stderr)
-    if truncated:
-        print(f"note: {truncated} prompt(s) longer than the model's {g.tokenizers[0].model_max_length} tokens, "
-              f"classified on their first {g.tokenizers[0].model_max_length}", file=sys.stderr)
+    long = sum(v.windows > 1 for v in verdicts)
+    if long:
+        print(f"note: {long} prompt(s) longer than one model call, each scored over all its windows (the largest "
+              "score kept)", file=sys.stderr)
     if args.json:
         for prompt, verdict in zip(prompts, verdicts):
             print(json.dumps({"prompt": prompt, "flagged": verdict.flagged, "concepts": verdict.concepts,
@@ -110,14 +110,6 @@ def _classify(args: argparse.Namespace) -> int:
     else:
         print(format_verdicts(prompts, verdicts, [c.name for c in g.concepts]))
     return EXIT_OK
-
-
-def _count_truncated(tokenizer, prompts: Sequence[str]) -> int:
-    """How many prompts the model reads only in part (more tokens than its context)."""
-    if tokenizer is None or not prompts:
-        return 0
-    lengths = [len(ids) for ids in tokenizer(list(prompts), verbose=False)["input_ids"]]
-    return sum(n > tokenizer.model_max_length for n in lengths)
 
 
 def _positive_int(text: str) -> int:

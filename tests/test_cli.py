@@ -46,13 +46,14 @@ def test_classify_json_prints_one_object_per_line_empty_lines_included(prompt_fi
     assert "1 empty line(s) not classified" in err
 
 
-def test_classify_notes_prompts_longer_than_the_model_reads(tmp_path, capsys):
+def test_classify_reads_every_window_of_a_prompt_longer_than_the_model_reads(tmp_path, capsys):
     path = tmp_path / "long.txt"
-    path.write_text("A photo of a naked woman, nude" + " and a tree" * 100 + "\nA cat on a sofa.\n", encoding="utf-8")
+    path.write_text("A tree" + " and a tree" * 100 + ", and a photo of a naked woman, nude\nA cat on a sofa.\n",
+                    encoding="utf-8")
     assert main(["classify", RECIPE, "--prompts", str(path), "--json"]) == 0
     out, err = capsys.readouterr()
     assert [json.loads(line)["concepts"] for line in out.splitlines()] == [["nudity"], []]
-    assert "1 prompt(s) longer than the model's 256 tokens" in err
+    assert "1 prompt(s) longer than one model call, each scored over all its windows" in err
 
 
 def test_classify_table_marks_flagged_prompts(prompt_file, capsys):

@@ -217,13 +217,14 @@ def test_shipped_guard_classifies_obvious_prompts(shipped_guard, prompt, expecte
     assert verdict.flagged == bool(expected)
 
 
-def test_shipped_guard_reads_only_the_first_256_tokens_of_an_over_long_prompt(shipped_guard):
+def test_shipped_guard_reads_every_window_of_an_over_long_prompt(shipped_guard):
     nude = "A photo of a naked woman lying on a bed, nude, nsfw"
-    filler = " and a tree" * 100  # 300 tokens
-    late_nude, late_lake, early_nude = shipped_guard.classify(
-        ["A field" + filler + ". " + nude, "A field" + filler + ". A quiet lake", nude + filler])
-    assert late_nude.scores == late_lake.scores  # what lies past token 256 changes nothing
+    filler = " and a tree" * 100  # 300 tokens: more than the 256 one call reads
+    late_nude, late_lake, early_nude, short = shipped_guard.classify(
+        ["A field" + filler + ". " + nude, "A field" + filler + ". A quiet lake", nude + filler, nude])
+    assert late_nude.concepts == ["nudity"] and not late_lake.flagged  # the end of a prompt is read too
     assert early_nude.concepts == ["nudity"]
+    assert (late_nude.windows, late_lake.windows, early_nude.windows, short.windows) == (2, 2, 2, 1)
 
 
 def test_non_finite_activations_are_refused_and_the_model_is_unchanged(shipped_guard):

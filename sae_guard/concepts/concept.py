@@ -60,6 +60,14 @@ class Concept:
         if not 0 < self.fpr < 1:
             raise ValueError(f"fpr must be in (0, 1), got {self.fpr}")
 
+    def __repr__(self) -> str:
+        if not self.fitted:
+            return f"Concept({self.name!r}, unfitted, {len(self.target)} target / {len(self.retain)} retain inputs)"
+        measured = self.calibration
+        figures = f", calibrated TPR {measured['tpr']:.3f} at FPR {measured['fpr']:.3f}" if "tpr" in measured else ""
+        return (f"Concept({self.name!r}, {self.strategy}, {int(self.features.numel())} features, "
+                f"threshold {self.threshold:.4g}{figures})")
+
     @property
     def fitted(self) -> bool:
         return self.features is not None and self.threshold is not None

@@ -34,6 +34,7 @@ class Verdict:
     concepts: list[str] = field(default_factory=list)  # the concepts that flagged it
     tokens: dict[str, list[int]] = field(default_factory=dict)  # positions whose energy exceeded the threshold
     error: float | None = None  # largest relative reconstruction error of the SAE over the real tokens
+    windows: int = 1  # how many windows of a text longer than one model call were read (the largest score kept)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +69,9 @@ class ConceptPolicy:
             codes.values.new_zeros(call.n_prompts, 0)  # (B, C)
         fired = torch.stack([f for _, f in per_concept], -1) if per_concept else \
             torch.zeros(codes.values.shape[0], 0, dtype=torch.bool, device=codes.values.device)  # (N, C)
-        flagged = scores > self.thresholds
+        read = torch.zeros(call.n_prompts, dtype=torch.bool, device=scores.device)
+        read[call.prompt_index.to(scores.device)] = True  # an input with no scoring position says nothing: never flagged
+        flagged = (scores > self.thresholds) & read[:, None]
         self._state.verdicts = self._verdicts(scores, flagged, fired, call, self._errors(call))
         token_flags = flagged[call.prompt_index]  # (N, C)
         member_of = self.members.T[codes.indices]  # (N, k, C)

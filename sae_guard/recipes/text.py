@@ -105,21 +105,30 @@ def harvest_activations(recipe: Recipe, model: Any, tokenizer: Any, prompts: Seq
 
 
 def token_counts(tokenizer: Any, prompts: Sequence[str]) -> list[int]:
-    """Real tokens of each prompt as the harvest and the guard read it: truncated at the tokenizer's limit."""
-    encoded = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
-    return [len(ids) for ids in encoded]
+    """Real tokens of each prompt as the harvest reads it: truncated at the tokenizer's limit."""
+    return [len(flags) for flags in special_token_flags(tokenizer, prompts)]
+
+
+def special_token_flags(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Per prompt, 1 for each special token ([CLS], [SEP]) of its real tokens, as the harvest reads them."""
+    encoded = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length,
+                        return_special_tokens_mask=True)
+    return encoded["special_tokens_mask"]
 
 
 class HarvestedCodes:
     """A `Concept.fit` encoder that reads prompts' activations from a harvest instead of running the model again.
 
     `activations` are the real tokens of `harvest_order(prompts)`, prompt after prompt (`harvest_activations`).
+    Concepts read content tokens only, as a guard scores them (`adapters.text`): special tokens are left out.
     """
 
     def __init__(self, sae: SAE, activations: torch.Tensor, prompts: Sequence[str], tokenizer: Any,
                  chunk: int = 8192) -> None:
         ordered = harvest_order(prompts)
-        counts = torch.tensor(token_counts(tokenizer, ordered), dtype=torch.long)
+        flags = special_token_flags(tokenizer, ordered)
+        counts = torch.tensor([len(f) for f in flags], dtype=torch.long)
+        self.content = torch.tensor([flag == 0 for f in flags for flag in f], dtype=torch.bool)
         if int(counts.sum()) != activations.shape[0]:
             raise ValueError(f"{activations.shape[0]} harvested tokens, but the prompts tokenize to "
                              f"{int(counts.sum())}")
@@ -139,6 +148,8 @@ class HarvestedCodes:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> tuple[SparseCodes, torch.Tensor, int]:
         rows, owners = self.rows(prompts)
+        content = self.content[rows]
+        rows, owners = rows[content], owners[content]
         values, indices = [], []
         for part in rows.split(self.chunk):
             codes = self.sae.encode_sparse(self.activations[part].to(self.sae.W_enc.device, torch.float32))
