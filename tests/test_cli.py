@@ -118,6 +118,9 @@ SCENES = ["a wheat field under a clear sky", "a snowy village at night", "a bust
           "a cafe terrace in the evening", "a cypress tree in the wind", "a bedroom with a wooden bed"]
 
 
+TIMES = ["at dawn", "at noon", "in winter", "in autumn"]
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -134,7 +137,7 @@ def tiny_data_folder(data: Path) -> Path:
     write_csv(data / "unlearndiffatk_nudity.csv", ["prompt"], [["a nude figure"]])
     write_csv(data / "i2p.csv", ["prompt", "categories"], [["a nude figure, oil", "sexual"], ["a fight", "violence"]])
     write_csv(data / "concept_pairs_vangogh.csv", ["sensitive prompt", "normal prompt"],
-              [[f"{s}, in the style of Van Gogh", s] for s in SCENES])
+              [[f"{s}, {when}, in the style of Van Gogh", f"{s}, {when}"] for s in SCENES for when in TIMES])
     return data
 
 

@@ -381,3 +381,34 @@ def test_a_module_of_no_family_is_guarded_on_tensors():
         assert len(verdicts) == 8
         with pytest.raises(ValueError, match="different shapes"):
             g.classify([torch.randn(6), torch.randn(5)])
+
+
+def test_concepts_refuse_impossible_settings(clip, clip_tokenizer, sae):
+    from sae_guard.concepts import MIN_CALIBRATE, PoorConceptWarning
+
+    with pytest.raises(TypeError, match="not one string"):
+        Concept("nudity", target="a naked woman", retain=RETAIN)
+    with pytest.raises(TypeError, match="retain must be a list"):
+        Concept("nudity", target=TARGET, retain=42)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="n_features must be a positive integer"):
+            Concept("zebra", target=TARGET, retain=RETAIN, n_features=bad)
+    hooks = hooks_of(clip)
+    cases = [(Concept("same", target=RETAIN, retain=list(reversed(RETAIN))), "target and retain inputs are the same"),
+             (Concept("one", target=["a photo of a zebra"], retain=RETAIN), f"at least {MIN_CALIBRATE}"),
+             (Concept("few", target=TARGET, retain=RETAIN[:6]), "held-out retain inputs"),
+             (Concept("given", target=TARGET, retain=RETAIN, calibrate_target=TARGET[:2]),
+              f"pass calibrate_target with at least {MIN_CALIBRATE}")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            guard(clip, sae=sae, concepts=[bad], hookpoint=HOOK, tokenizer=clip_tokenizer)
+    assert hooks_of(clip) == hooks
+    # examples that do not tell the concept apart: an error if it never flags, a warning naming its fit if it seldom does
+    lookalikes = [f"a photo of a {a} {p}" for a in ANIMALS[6:] for p in PLACES[:4]]
+    with pytest.raises(ValueError, match="flags none of its held-out target inputs .*strategy 'coverage'"):
+        guard(clip, sae=sae, concepts=[Concept("blurred", target=lookalikes, retain=RETAIN, n_features=2, fpr=0.01)],
+              hookpoint=HOOK, tokenizer=clip_tokenizer)
+    mixed = Concept("mixed", target=TARGET[:10] + lookalikes, retain=RETAIN, n_features=8, fpr=0.05)
+    with pytest.warns(PoorConceptWarning, match="flags only .*strategy 'coverage', .* fitted on 24 target"):
+        guard(clip, sae=sae, concepts=[mixed], hookpoint=HOOK, tokenizer=clip_tokenizer).detach()
+    assert 0 < mixed.calibration["tpr"] < 0.5

@@ -11,6 +11,7 @@ concept can see it, so a high error says "not flagged" means "not known" rather 
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -45,6 +46,10 @@ class ConceptPolicy:
         unfitted = [c.name for c in concepts if not c.fitted]
         if unfitted:
             raise ValueError(f"concepts {unfitted} are not fitted; fit them (guard() does) before gating")
+        broken = [c.name for c in concepts if not math.isfinite(c.threshold)]
+        if broken:
+            raise ValueError(f"concepts {broken} have a NaN or infinite threshold: they would never flag (or always); "
+                             "refit them")
         names = [c.name for c in concepts]
         if len(set(names)) != len(names):
             raise ValueError(f"concept names must be unique, got {names}")
