@@ -412,3 +412,17 @@ def test_concepts_refuse_impossible_settings(clip, clip_tokenizer, sae):
     with pytest.warns(PoorConceptWarning, match="flags only .*strategy 'coverage', .* fitted on 24 target"):
         guard(clip, sae=sae, concepts=[mixed], hookpoint=HOOK, tokenizer=clip_tokenizer).detach()
     assert 0 < mixed.calibration["tpr"] < 0.5
+
+
+@pytest.mark.parametrize("mode, strength, error", [
+    ("deactivate", float("nan"), ValueError), ("scale", float("inf"), ValueError), ("steer", -1e9, ValueError),
+    ("clamp", 1e5, ValueError), ("scale", "2", TypeError), ("scale", True, TypeError)])
+def test_edit_strengths_that_would_corrupt_states_are_refused(mode, strength, error):
+    with pytest.raises(error, match="strength"):
+        sae_guard.Edit(mode, strength)
+    assert sae_guard.Edit("deactivate", -8.0).strength == -8.0
+
+
+def test_a_nan_steering_direction_is_refused():
+    with pytest.raises(ValueError, match="direction holds NaN"):
+        sae_guard.Edit("steer", 2.0, torch.tensor([1.0, float("nan")]))

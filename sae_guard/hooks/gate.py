@@ -23,6 +23,7 @@ position is a token of width `channels`, and the edited map comes back in its ow
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -35,6 +36,7 @@ from ..sae.codes import SparseCodes, sparse_decode
 from .hookpoints import Hookpoint, hook_hidden
 
 EDIT_MODES = ("deactivate", "clamp", "scale", "steer")
+MAX_STRENGTH = 1e4  # |strength| past this only produces inf/NaN or meaningless states on flagged inputs
 COPY_REFUSED = ("a guarded model cannot be copied or pickled while its gates are attached (the copy would share or "
                 "lose them): call guard.detach() first, copy or save the model, then guard the copy")
 
@@ -57,6 +59,14 @@ class Edit:
     def __post_init__(self) -> None:
         if self.mode not in EDIT_MODES:
             raise ValueError(f"unknown edit mode {self.mode!r}; choose one of {', '.join(EDIT_MODES)}")
+        if not isinstance(self.strength, (int, float)) or isinstance(self.strength, bool):
+            raise TypeError(f"edit strength must be a number, got {self.strength!r}")
+        if not math.isfinite(self.strength) or abs(self.strength) > MAX_STRENGTH:
+            raise ValueError(f"edit strength must be finite and within +-{MAX_STRENGTH:g}, got {self.strength}: past "
+                             "that a flagged input's hidden state turns to inf or NaN in fp16 and is garbage in fp32 "
+                             "(ItD's strongest deactivation is -8)")
+        if self.direction is not None and not bool(torch.isfinite(self.direction).all()):
+            raise ValueError("the steering direction holds NaN or inf")
         if self.mode == "deactivate" and self.strength > 0:
             raise ValueError(f"deactivate needs strength <= 0 (0 zeroes the feature), got {self.strength}")
         if self.mode == "clamp" and self.strength < 0:
