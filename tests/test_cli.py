@@ -207,3 +207,18 @@ def test_train_builds_assets_from_a_tiny_data_folder(tmp_path, capsys, monkeypat
         assert main(["train", str(other), "--data", str(data), "--out", str(tmp_path / "x"), "--work", str(work),
                      "--sae", str(out / "sae"), "--quiet"]) == EXIT_USAGE
         assert message in capsys.readouterr().err
+
+
+def test_generate_refuses_an_unwritable_folder_and_a_seed_beyond_64_bits(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["generate", "shapes", "--prompts", str(prompts), "--out", str(blocker / "images"),
+                 "--seed", "0"]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:
+        main(["generate", "shapes", "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+              "--seed", str(2**64)])
+    assert exit_code.value.code == 2 and "must be between 0 and 2**63 - 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
