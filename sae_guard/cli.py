@@ -1,6 +1,6 @@
 """The `sae-guard` command.
 
-    sae-guard train minilm-prompts --data ../shared/data/prompts     # rebuild the packaged SAE and concepts
+    sae-guard train minilm-prompts --data ../shared/data/prompts     # train its SAE and concepts (into the cache)
     sae-guard classify minilm-prompts --prompts prompts.txt --json   # one JSON verdict per input line
 
 Each subcommand is one `Command` in `COMMANDS`: a name, a help line, a function adding its arguments and one
@@ -44,7 +44,11 @@ class Command:
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe name (e.g. minilm-prompts) or path to a .toml")
     parser.add_argument("--data", required=True, help="folder holding the prompt CSVs")
-    parser.add_argument("--out", help="where to write the assets (default: the recipe's folder in the package)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", help="where to write the assets (default: the cache, "
+                                     "$SAE_GUARD_CACHE/recipes/<recipe>)")
+    where.add_argument("--into-package", action="store_true",
+                       help="replace the installed package's own assets of the recipe (for maintainers)")
     parser.add_argument("--work", help="activation cache and checkpoints; rerun with it to resume "
                                        "(default: <tmp>/sae-guard-<recipe>)")
     parser.add_argument("--sae", help="fit the concepts on this trained SAE of the recipe (e.g. its packaged sae/ "
@@ -58,18 +62,22 @@ def _train(args: argparse.Namespace) -> int:
     recipe = _recipe(args.recipe)
     if not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
+    out = recipe.assets if args.into_package else Path(args.out) if args.out else recipes.default_out(recipe)
     try:
-        report = recipes.build(recipe, data_dir=args.data, out=args.out, work_dir=args.work,
+        report = recipes.build(recipe, data_dir=args.data, out=out, work_dir=args.work,
                                progress=not args.quiet, sae=args.sae)
     except (FileNotFoundError, recipes.RecipeError) as error:  # a missing CSV, a concept without prompts, ...
         raise UsageError(str(error)) from None
     if recipe.guard.unet is not None:
         from .erasure.unet_stage_build import build_into_assets  # after the text SAE and concepts it reads
 
-        report["unet_stage"] = build_into_assets(recipe, args.out, progress=not args.quiet)
+        report["unet_stage"] = build_into_assets(recipe, out, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "concepts"} | {
         "concepts": {name: {k: v for k, v in c.items() if k != "features"} for name, c in report["concepts"].items()}
     }, indent=2))
+    if not args.into_package:
+        print(f"assets written to {out}; use them with `--assets {out}` or recipes.load_guard(..., assets=...)",
+              file=sys.stderr)
     return EXIT_OK
 
 

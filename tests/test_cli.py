@@ -223,3 +223,17 @@ def test_generate_refuses_an_unwritable_folder_and_a_seed_beyond_64_bits(tmp_pat
               "--seed", str(2**64)])
     assert exit_code.value.code == 2 and "must be between 0 and 2**63 - 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_train_writes_into_the_cache_unless_told_and_never_into_the_package(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SAE_GUARD_CACHE", str(tmp_path / "cache"))
+    data = tiny_data_folder(tmp_path / "data")
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE)
+    parsed = recipes.load_recipe(recipe)
+    assert main(["train", str(recipe), "--data", str(data), "--work", str(tmp_path / "work"), "--quiet"]) == 0
+    expected = tmp_path / "cache" / "recipes" / parsed.name
+    assert (expected / "sae" / "cfg.json").is_file() and not parsed.assets.exists()
+    assert f"assets written to {expected}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(recipe), "--data", str(data), "--out", str(tmp_path / "x"), "--into-package"])

@@ -5,7 +5,8 @@
     g = load_guard(recipe)                     # the model with the trained SAE and fitted concepts attached
     g.classify(["a photo of a cat"])[0].flagged
 
-A recipe's trained assets live inside the package, in `sae_guard/assets/<assets>/` (default: the recipe's name):
+A recipe's shipped assets live inside the package, in `sae_guard/assets/<assets>/` (default: the recipe's name);
+`build` writes new ones into the cache (`default_out`) or a folder it is given, the package's only when asked:
 `sae/` (cfg.json + sae.safetensors, stored fp16 to stay small; loading casts to fp32), `concepts/`
 (concepts.json + concepts.safetensors), `recipe.toml` (the recipe they were built from, so an installed package
 finds it by name) and `training.json` (what `build` measured). The SAE is rounded to fp16 before the concepts are
@@ -69,7 +70,7 @@ from .models import MODEL_KINDS, load_model
 from .spec import (ASSETS_ROOT, CHECKOUT_PIPELINES, RECIPE_COPY, ConceptSpec, DataSpec, GuardSpec, ModelSpec, Recipe,
                    SAESpec, UNetStageSpec, available_recipes, find_recipe, load_recipe, parse_recipe, prompt_function)
 from .text import (HarvestedCodes, activation_cache_file, check_concept_data, concept_datasets, concept_prompts,
-                   default_work_dir, harvest_activations, harvest_order, token_counts, training_prompts)
+                   default_out, default_work_dir, harvest_activations, harvest_order, token_counts, training_prompts)
 
 # recipe kind -> the module of this package that builds and loads it (`build(recipe, ...)`, `load_guard(recipe, ...)`)
 KINDS: dict[str, str] = {
@@ -97,7 +98,7 @@ __all__ = [
     "ASSETS_ROOT", "CHECKOUT_PIPELINES", "KINDS", "MODEL_KINDS", "RECIPE_COPY", "TRAINING_REPORT", "ConceptSpec",
     "DataSpec", "GuardSpec", "HarvestedCodes", "ModelSpec", "Recipe", "RecipeError", "SAESpec", "UNetStageSpec",
     "activation_cache_file", "available_recipes", "build", "check_concept_data", "concept_datasets",
-    "concept_prompts", "default_work_dir", "find_recipe", "harvest_activations", "harvest_order", "load_guard",
+    "concept_prompts", "default_out", "default_work_dir", "find_recipe", "harvest_activations", "harvest_order", "load_guard",
     "load_model", "load_recipe", "make_readable", "parse_recipe", "prompt_function", "save_assets", "token_counts",
     "training_prompts",
 ]

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import prompts as prompt_sets
 from ..adapters.guard import Guard, guard
+from ..cache import cache_root
 from ..concepts import Concept, load_concepts
 from ..sae.base import SAE
 from ..sae.codes import SparseCodes
@@ -71,6 +72,11 @@ def concept_prompts(datasets: Mapping[str, prompt_sets.ConceptData]) -> list[str
 def harvest_order(prompts: Sequence[str]) -> list[str]:
     """The order prompts are harvested in (by length: less padding; training shuffles tokens anyway)."""
     return sorted(prompts, key=len)
+
+
+def default_out(recipe: Recipe) -> Path:
+    """Where a build writes its assets unless told: the cache, never the installed package."""
+    return cache_root() / "recipes" / (recipe.assets_name or recipe.name)
 
 
 def default_work_dir(recipe: Recipe) -> Path:
@@ -165,7 +171,8 @@ def build(recipe: Recipe | str | Path, data_dir: str | Path | None = None, out: 
           work_dir: str | Path | None = None, progress: bool = True, sae: str | Path | None = None) -> dict[str, Any]:
     """Harvest activations, train the SAE, fit the concepts and save them all; return what was measured.
 
-    out: where the assets go (default: the recipe's folder inside the package).
+    out: where the assets go (default: `default_out(recipe)` in the cache; the package's own folder,
+        `recipe.assets`, only when given).
     work_dir: activation cache and training checkpoints (default: <tmp>/sae-guard-<recipe name>); rerunning an
         interrupted build with the same work_dir harvests nothing again and resumes training where it stopped.
     sae: a folder holding this recipe's trained SAE (its packaged `sae/`, say): the concepts are fitted on it and
@@ -174,7 +181,7 @@ def build(recipe: Recipe | str | Path, data_dir: str | Path | None = None, out: 
         current splits was among them.
     """
     recipe = load_recipe(recipe)
-    out = Path(out) if out is not None else recipe.assets
+    out = Path(out) if out is not None else default_out(recipe)
     work = Path(work_dir) if work_dir is not None else default_work_dir(recipe)
     started = time.perf_counter()
     datasets = concept_datasets(recipe, data_dir)
