@@ -335,3 +335,22 @@ def test_stacked_guards_detach_in_reverse_order(pipes, guarded):
     inner.detach()
     outer.detach()
     assert type(pipe) is cls and set(vars(pipe)) == attributes and hooks_of(pipe) == hooks
+
+
+def test_an_encode_prompt_overridden_on_the_instance_is_refused(pipes, guarded):
+    pipe = pipes["sd"]
+    hooks = hooks_of(pipe)
+    pipe.encode_prompt = type(pipe).encode_prompt.__get__(pipe)  # e.g. a prompt-weighting patch
+    try:
+        with pytest.raises(TypeError, match="encode_prompt overridden on the instance"):
+            guarded("sd")
+        assert hooks_of(pipe) == hooks
+    finally:
+        del pipe.encode_prompt
+    with guarded("sd"):
+        pipe.encode_prompt = type(pipe).encode_prompt.__get__(pipe)  # patched after guarding
+        try:
+            with pytest.raises(TypeError, match="overridden on the instance"):
+                run("sd", pipe, FLAGGED, negative_prompt=FLAGGED)
+        finally:
+            del pipe.encode_prompt

@@ -146,6 +146,7 @@ def _guarded_class(base: type, guard: PipelineGuard) -> type:
 
     @functools.wraps(base.__call__)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _refuse_instance_overrides(self)  # set after guarding: the gates could not tell positive from negative
         with guard._pipeline_call():
             return base.__call__(self, *args, **kwargs)
 
@@ -157,6 +158,16 @@ def _guarded_class(base: type, guard: PipelineGuard) -> type:
     namespace = {"__call__": __call__, "encode_prompt": encode_prompt, "__module__": base.__module__,
                  "__qualname__": base.__qualname__, "__doc__": base.__doc__}
     return type(base.__name__, (base,), namespace)
+
+
+def _refuse_instance_overrides(pipe: Any) -> None:
+    """The guard arms its gates through the pipeline's class; a `__call__` or `encode_prompt` set on the instance
+    would bypass it (the negative prompt edited, no verdicts), so it is refused rather than silently ignored."""
+    overridden = [name for name in ("__call__", "encode_prompt") if name in vars(pipe)]
+    if overridden:
+        raise TypeError(f"{type(pipe).__name__} has {', '.join(overridden)} overridden on the instance; the guard "
+                        "arms its gates around the class's methods, so it cannot guard it. Subclass the pipeline "
+                        f"instead, or `del pipe.{overridden[0]}`")
 
 
 def _encodes_text(encode: Any, pipe: Any, args: tuple, kwargs: dict) -> bool:
@@ -184,6 +195,7 @@ def guard_pipeline(pipe: Any, sae: SAE | Mapping[str, SAE],
     """
     if not concepts:
         raise ValueError("guard() needs at least one concept")
+    _refuse_instance_overrides(pipe)
     if not callable(getattr(type(pipe), "encode_prompt", None)):
         raise TypeError(f"{type(pipe).__name__} has no encode_prompt; the guard arms its gates around it to tell "
                         "the positive prompt from the negative one")
