@@ -34,6 +34,7 @@ import hashlib
 import os
 import random
 import re
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -386,6 +387,45 @@ def concept(name: str, folder: str | os.PathLike | None = None, seed: int = SEED
     if name not in CONCEPTS:
         raise ValueError(f"unknown concept {name!r}; expected one of {sorted(CONCEPTS)}")
     return CONCEPTS[name](folder, seed)
+
+
+HELDOUT_FILE = Path(__file__).with_name("concept_data") / "heldout.toml"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A concept's held-out evaluation prompts: `target` must be flagged, `nearmiss` must pass."""
+
+    name: str
+    target: list[str]
+    nearmiss: list[str]
+
+
+def _casings(text: str) -> list[str]:
+    """A name as people type it: as written, lower case, upper case."""
+    return list(dict.fromkeys([text, text.lower(), text.upper()]))
+
+
+def heldout(name: str, folder: str | os.PathLike | None = None) -> HeldOut:
+    """The held-out evaluation set of a concept (`concept_data/heldout.toml`), for reporting only.
+
+    Written separately from every fitting source, with templates and words of its own, so a figure on it says how
+    a concept holds on prompts it was never shaped by. Celebrity: every target name (from the data folder) and
+    every non-target person of the file, in each of the file's ordinary sentences, in three casings.
+    """
+    with open(HELDOUT_FILE, "rb") as handle:
+        raw = tomllib.load(handle)
+    if name not in raw:
+        raise ValueError(f"no held-out set for concept {name!r}; {HELDOUT_FILE} has {sorted(raw)}")
+    entry = raw[name]
+    if name != "celebrity":
+        return HeldOut(name, clean(entry["target"]), clean(entry["nearmiss"]))
+    targets = sorted(_named_prompts("celebrity_target.csv", folder))
+
+    def sentences(names: Sequence[str]) -> list[str]:
+        return clean(t.format(cased) for n in names for cased in _casings(n) for t in entry["templates"])
+
+    return HeldOut(name, sentences(targets), sentences(entry["nontarget_names"]))
 
 
 def sae_training_prompts(
