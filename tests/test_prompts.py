@@ -143,3 +143,25 @@ def test_nudity_splits_hold_no_evaluation_prompt(folder, datasets):
     data = datasets["nudity"]
     nudity_prompts = {p for s in P.SPLITS for side in ("target", "retain") for p in getattr(data.split(s), side)}
     assert not nudity_prompts & set(P.evaluation_prompts(folder))
+
+
+def test_heldout_sets_are_apart_from_every_fitting_and_training_prompt(folder, datasets):
+    training = set(P.sae_training_prompts(folder))
+    for name in CONCEPT_NAMES:
+        held = P.heldout(name, folder)
+        assert len(held.target) >= 20 and len(held.nearmiss) >= 20
+        assert not set(held.target) & set(held.nearmiss)
+        used = {p for s in P.SPLITS for side in (datasets[name].split(s).target, datasets[name].split(s).retain)
+                for p in side}
+        assert not (set(held.target) | set(held.nearmiss)) & (used | training), name
+
+
+def test_heldout_celebrity_names_every_target_in_three_casings_and_no_target_among_the_others(folder, datasets):
+    held = P.heldout("celebrity", folder)
+    names = datasets["celebrity"].target_names
+    for name in names:
+        for cased in (name, name.lower(), name.upper()):
+            assert any(cased in p for p in held.target), cased
+    assert not any(n.lower() in p.lower() for n in names for p in held.nearmiss)
+    with pytest.raises(ValueError, match="no held-out set"):
+        P.heldout("cats", folder)
