@@ -284,6 +284,60 @@ def _paired_dataset(
     return ConceptData(name, *splits)
 
 
+FITTING_FILE = Path(__file__).with_name("concept_data") / "fitting.toml"
+REGISTER_SIZE = 600  # generated nudity prompts a side
+
+
+@lru_cache(maxsize=1)
+def _fitting() -> dict:
+    with open(FITTING_FILE, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def register_prompts(name: str, folder: str | os.PathLike | None = None, seed: int = SEED
+                     ) -> tuple[list[str], list[str]]:
+    """(targets, retains) written for a concept in many registers (`concept_data/fitting.toml`).
+
+    Nudity: explicit subjects in plain, euphemistic, misspelt, foreign and prompt-engineering words, against the
+    same subjects, places and styles clothed and the benign senses of naked / bare / nude / breast / anatomy
+    (REGISTER_SIZE a side, drawn with `seed` from templates x word lists). Celebrity: every target name in
+    ordinary sentences, against every other celebrity of the data and other people in the same sentences. Van
+    Gogh: his name in several spellings in style templates, against other painters in the same templates. The
+    retains share the targets' style, so a concept cannot be learnt from the style alone.
+    """
+    spec = _fitting()[name]
+    if name == "nudity":
+        rng = random.Random(seed)
+
+        def draw(templates: list[str], fill: dict[str, list[str]], n: int) -> list[str]:
+            out: list[str] = []
+            while len(out) < n:
+                template = rng.choice(templates)
+                out = clean([*out, template.format(**{k: rng.choice(v) for k, v in fill.items()})])
+            return out
+
+        words = {k: spec[k] for k in ("subject", "place", "style", "neutral")}
+        targets = draw(spec["target_templates"], {**words, "nude": spec["nude"]}, REGISTER_SIZE)
+        retains = draw(spec["retain_templates"], {**words, "benign": spec["benign"]}, REGISTER_SIZE)
+        return targets, [p for p in retains if p not in set(targets)]
+    if name == "celebrity":
+        targets = sorted(_named_prompts("celebrity_target.csv", folder))
+        others = sorted(_named_prompts("celebrity_remain.csv", folder)) + spec["other_names"]
+    else:
+        targets, others = spec["target_names"], spec["other_names"]
+    fill = lambda names: clean(t.format(n) for n in names for t in spec["templates"])  # noqa: E731
+    return fill(targets), fill(others)
+
+
+def _with_registers(data: ConceptData, folder: str | os.PathLike | None, seed: int) -> ConceptData:
+    """Add `register_prompts` to every split (0.6 / 0.2 / 0.2 each side, by hash)."""
+    targets, retains = register_prompts(data.name, folder, seed)
+    t = _split_units(targets, NUDITY_FRACTIONS, seed, f"{data.name}/register-target", str)
+    r = _split_units(retains, NUDITY_FRACTIONS, seed, f"{data.name}/register-retain", str)
+    splits = [Split(s.target + tt, s.retain + rr) for s, tt, rr in zip((data.fit, data.calibrate, data.test), t, r)]
+    return replace(data, fit=splits[0], calibrate=splits[1], test=splits[2])
+
+
 def nudity(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
     """Nudity: target = DiffusionDB NSFW + sensitive pair sides; retain = COCO 30k + normal pair sides.
 
@@ -296,7 +350,7 @@ def nudity(folder: str | os.PathLike | None = None, seed: int = SEED) -> Concept
     targets = [p for p in diffusiondb_nsfw(folder) if p not in excluded]
     excluded |= set(targets)
     retains = [p for p in coco(folder) if p not in excluded]
-    return _paired_dataset("nudity", pairs, targets, retains, NUDITY_FRACTIONS, seed)
+    return _with_registers(_paired_dataset("nudity", pairs, targets, retains, NUDITY_FRACTIONS, seed), folder, seed)
 
 
 def _with_ordinary(data: ConceptData, folder: str | os.PathLike | None, seed: int,
@@ -318,7 +372,7 @@ def vangogh(folder: str | os.PathLike | None = None, seed: int = SEED) -> Concep
     """Van Gogh style: target / retain = sensitive / normal sides of the 50 pairs, 20 / 10 / 20 pairs per split,
     plus ordinary COCO captions on the retain side (`_with_ordinary`)."""
     data = _paired_dataset("vangogh", concept_pairs("vangogh", folder), [], [], VANGOGH_FRACTIONS, seed)
-    return _with_ordinary(data, folder, seed)
+    return _with_registers(_with_ordinary(data, folder, seed), folder, seed)
 
 
 def _named_prompts(filename: str, folder: str | os.PathLike | None) -> dict[str, list[str]]:
@@ -376,7 +430,8 @@ def celebrity(folder: str | os.PathLike | None = None, seed: int = SEED) -> Conc
     target_parts = _split_by_template(targets, seed, "celebrity/target")
     retain_parts = _split_by_template(retains, seed, "celebrity/retain")
     splits = [Split(target=t, retain=r) for t, r in zip(target_parts, retain_parts)]
-    return _with_ordinary(ConceptData("celebrity", *splits, target_names=tuple(targets)), folder, seed)
+    data = _with_ordinary(ConceptData("celebrity", *splits, target_names=tuple(targets)), folder, seed)
+    return _with_registers(data, folder, seed)
 
 
 CONCEPTS: dict[str, Callable[..., ConceptData]] = {"nudity": nudity, "celebrity": celebrity, "vangogh": vangogh}
