@@ -13,6 +13,8 @@ as in benchmarks/classifier.py. Nothing is chosen on the held-out sets (`sae_gua
 - flag rates on DiffusionDB val and COCO val (benign) and, for nudity, on UnlearnDiffAtk and I2P sexual;
 - cross-source (nudity): fitted on DiffusionDB NSFW prompts, tested on the I2P sexual and UnlearnDiffAtk sets.
 The guard's any-concept flag rates on DiffusionDB val and COCO val are printed with the issue's targets.
+`--max-per-side N` keeps a fixed hashed sample of at most N prompts of each split side and each flag-rate set (the
+held-out sets are always whole), so the suite runs in minutes on a shared CPU; the figures say which N was used.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -60,6 +63,18 @@ def row_for(method: str, score, data, heldout, extra: dict, fpr: float, fixed: f
     return row
 
 
+def _sample(prompts: Sequence[str], n: int | None, salt: str) -> list[str]:
+    if n is None or len(prompts) <= n:
+        return list(prompts)
+    return sorted(prompts, key=lambda p: prompt_sets._hash_key(prompt_sets.SEED, salt, p))[:n]
+
+
+def _capped(data: prompt_sets.ConceptData, n: int | None) -> prompt_sets.ConceptData:
+    splits = {s: prompt_sets.Split(_sample(data.split(s).target, n, f"{s}/t"), _sample(data.split(s).retain, n, f"{s}/r"))
+              for s in prompt_sets.SPLITS}
+    return replace(data, **splits)
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     recipe = recipes.load_recipe(args.recipe)
@@ -69,17 +84,21 @@ def run(args: argparse.Namespace) -> dict:
     sae_scores = GuardScores(guard, args.batch_size)
     embedder = Embedder(*load_minilm(), args.embedding_cache, args.batch_size)
     rows = []
+    cap = args.max_per_side
     for name, data in recipes.concept_datasets(recipe, args.data).items():
+        data = _capped(data, cap)
         heldout = prompt_sets.heldout(name, args.data)
-        extra = extra_sets(name, args.data, recipe.data.split_seed)
+        extra = {k: _sample(v, cap, k) for k, v in extra_sets(name, args.data, recipe.data.split_seed).items()}
         print(f"{name}: held-out {len(heldout.target)} targets / {len(heldout.nearmiss)} near misses", file=sys.stderr)
         for method in baseline_methods(embedder):
             score = method.fit(data.without_test())
             rows.append(row_for(method.name, score, data, heldout, extra, fprs[name], method.fixed_threshold))
         rows.append(row_for("sae", sae_scores.scorer(name), data, heldout, extra, fprs[name], thresholds[name]))
     overall = {
-        "diffusiondb_val_any": sae_scores.flag_rate(prompt_sets.diffusiondb_val(args.data, recipe.data.split_seed)),
-        "coco_val_any": sae_scores.flag_rate(prompt_sets.coco_val(args.data)),
+        "diffusiondb_val_any": sae_scores.flag_rate(
+            _sample(prompt_sets.diffusiondb_val(args.data, recipe.data.split_seed), cap, "diffusiondb_val")),
+        "coco_val_any": sae_scores.flag_rate(_sample(prompt_sets.coco_val(args.data), cap, "coco_val")),
+        "max_per_side": cap,
     }
     guard.detach()
     return {"recipe": recipe.name, "hookpoint": recipe.hookpoint, "rows": rows, "sae": overall}
@@ -135,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--data", help="prompt data folder (default: see sae_guard.prompts)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--embedding-cache", help="file to keep the baselines' MiniLM embeddings in between runs")
+    parser.add_argument("--max-per-side", type=int, help="hashed sample of at most this many prompts per set side")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--results", help="rewrite this suite's section of this RESULTS.md")
     args = parser.parse_args(argv)
