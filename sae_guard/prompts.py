@@ -329,6 +329,12 @@ def register_prompts(name: str, folder: str | os.PathLike | None = None, seed: i
     return fill(targets), fill(others)
 
 
+def written_prompts(folder: str | os.PathLike | None = None, seed: int = SEED) -> set[str]:
+    """Every `register_prompts` prompt: they teach the concepts' readouts, never the SAE (the shipped dictionary
+    predates them, and a refit on it checks its training prompts are unchanged)."""
+    return {p for name in CONCEPTS for side in register_prompts(name, folder, seed) for p in side}
+
+
 def _with_registers(data: ConceptData, folder: str | os.PathLike | None, seed: int) -> ConceptData:
     """Add `register_prompts` to every split (0.6 / 0.2 / 0.2 each side, by hash)."""
     targets, retains = register_prompts(data.name, folder, seed)
@@ -502,6 +508,7 @@ def sae_training_prompts(
     pool = [p for source in sources for p in source(folder=folder)]
     if include_fit:
         pool += [p for d in datasets for p in (*d.fit.target, *d.fit.retain)]
+    removed |= written_prompts(folder, seed)
     return [p for p in clean(pool) if p not in removed]
 
 
