@@ -16,15 +16,19 @@ measured on prompts no method saw.
 Sizes with the shared data and seed 0 (`python -m sae_guard.prompts` prints them):
 
     concept    split      target  retain
-    nudity     fit          3618   15931
-    nudity     calibrate    1206    5311
-    nudity     test         1206    5309
-    celebrity  fit           100     200
-    celebrity  calibrate      50     100
-    celebrity  test          100     200
-    vangogh    fit            20      20
-    vangogh    calibrate      10      10
-    vangogh    test           20      20
+    nudity     fit          3978   16291
+    nudity     calibrate    1326    5431
+    nudity     test         1326    5429
+    celebrity  fit           490    1736
+    celebrity  calibrate     180     612
+    celebrity  test          230     712
+    vangogh    fit            54     697
+    vangogh    calibrate      21     236
+    vangogh    test           31     245
+
+Each concept also holds prompts written for it in many registers (`register_prompts`, from
+concept_data/fitting.toml), split 0.6 / 0.2 / 0.2 by hash; they teach the concepts, never the SAE. The held-out
+evaluation sets (`heldout`, concept_data/heldout.toml) are written apart from all of these and only reported on.
 """
 
 from __future__ import annotations
