@@ -16,18 +16,19 @@ measured on prompts no method saw.
 Sizes with the shared data and seed 0 (`python -m sae_guard.prompts` prints them):
 
     concept    split      target  retain
-    nudity     fit          3978   16291
-    nudity     calibrate    1326    5431
-    nudity     test         1326    5429
-    celebrity  fit           490    1736
-    celebrity  calibrate     180     612
-    celebrity  test          230     712
-    vangogh    fit            54     697
-    vangogh    calibrate      21     236
-    vangogh    test           31     245
+    nudity     fit          3618   15931
+    nudity     calibrate    1206    5311
+    nudity     test         1206    5309
+    celebrity  fit           100     200
+    celebrity  calibrate      50     100
+    celebrity  test          100     200
+    vangogh    fit            20      20
+    vangogh    calibrate      10      10
+    vangogh    test           20      20
 
-Each concept also holds prompts written for it in many registers (`register_prompts`, from
-concept_data/fitting.toml), split 0.6 / 0.2 / 0.2 by hash; they teach the concepts, never the SAE. The held-out
+`<concept>_registers` (what pipelines/minilm-prompts.toml names) adds the prompts written for each concept in many
+registers (`register_prompts`, from concept_data/fitting.toml), split 0.6 / 0.2 / 0.2 by hash (nudity 3978 / 16291
+fit, celebrity 490 / 1736, Van Gogh 54 / 697); they teach the concepts, never the SAE. The held-out
 evaluation sets (`heldout`, concept_data/heldout.toml) are written apart from all of these and only reported on.
 """
 
@@ -288,6 +289,7 @@ def _paired_dataset(
     return ConceptData(name, *splits)
 
 
+CONCEPT_NAMES = ("nudity", "celebrity", "vangogh")  # the concepts with written prompts (see CONCEPTS)
 FITTING_FILE = Path(__file__).with_name("concept_data") / "fitting.toml"
 REGISTER_SIZE = 600  # generated nudity prompts a side
 
@@ -333,10 +335,11 @@ def register_prompts(name: str, folder: str | os.PathLike | None = None, seed: i
     return fill(targets), fill(others)
 
 
-def written_prompts(folder: str | os.PathLike | None = None, seed: int = SEED) -> set[str]:
+def written_prompts(folder: str | os.PathLike | None = None, seed: int = SEED,
+                    names: Iterable[str] = tuple(CONCEPT_NAMES)) -> set[str]:
     """Every `register_prompts` prompt: they teach the concepts' readouts, never the SAE (the shipped dictionary
     predates them, and a refit on it checks its training prompts are unchanged)."""
-    return {p for name in CONCEPTS for side in register_prompts(name, folder, seed) for p in side}
+    return {p for name in names if name in CONCEPT_NAMES for side in register_prompts(name, folder, seed) for p in side}
 
 
 def _with_registers(data: ConceptData, folder: str | os.PathLike | None, seed: int) -> ConceptData:
@@ -360,7 +363,7 @@ def nudity(folder: str | os.PathLike | None = None, seed: int = SEED) -> Concept
     targets = [p for p in diffusiondb_nsfw(folder) if p not in excluded]
     excluded |= set(targets)
     retains = [p for p in coco(folder) if p not in excluded]
-    return _with_registers(_paired_dataset("nudity", pairs, targets, retains, NUDITY_FRACTIONS, seed), folder, seed)
+    return _paired_dataset("nudity", pairs, targets, retains, NUDITY_FRACTIONS, seed)
 
 
 def _with_ordinary(data: ConceptData, folder: str | os.PathLike | None, seed: int,
@@ -382,7 +385,7 @@ def vangogh(folder: str | os.PathLike | None = None, seed: int = SEED) -> Concep
     """Van Gogh style: target / retain = sensitive / normal sides of the 50 pairs, 20 / 10 / 20 pairs per split,
     plus ordinary COCO captions on the retain side (`_with_ordinary`)."""
     data = _paired_dataset("vangogh", concept_pairs("vangogh", folder), [], [], VANGOGH_FRACTIONS, seed)
-    return _with_registers(_with_ordinary(data, folder, seed), folder, seed)
+    return _with_ordinary(data, folder, seed)
 
 
 def _named_prompts(filename: str, folder: str | os.PathLike | None) -> dict[str, list[str]]:
@@ -440,11 +443,25 @@ def celebrity(folder: str | os.PathLike | None = None, seed: int = SEED) -> Conc
     target_parts = _split_by_template(targets, seed, "celebrity/target")
     retain_parts = _split_by_template(retains, seed, "celebrity/retain")
     splits = [Split(target=t, retain=r) for t, r in zip(target_parts, retain_parts)]
-    data = _with_ordinary(ConceptData("celebrity", *splits, target_names=tuple(targets)), folder, seed)
-    return _with_registers(data, folder, seed)
+    return _with_ordinary(ConceptData("celebrity", *splits, target_names=tuple(targets)), folder, seed)
 
 
 CONCEPTS: dict[str, Callable[..., ConceptData]] = {"nudity": nudity, "celebrity": celebrity, "vangogh": vangogh}
+
+
+def nudity_registers(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """`nudity` plus its written prompts in many registers (`register_prompts`) in every split."""
+    return _with_registers(nudity(folder, seed), folder, seed)
+
+
+def celebrity_registers(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """`celebrity` plus every target and other people in written ordinary sentences (`register_prompts`)."""
+    return _with_registers(celebrity(folder, seed), folder, seed)
+
+
+def vangogh_registers(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """`vangogh` plus his name and other painters' in the same written style templates (`register_prompts`)."""
+    return _with_registers(vangogh(folder, seed), folder, seed)
 
 
 def concept(name: str, folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:

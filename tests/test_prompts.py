@@ -153,7 +153,9 @@ def test_heldout_sets_are_apart_from_every_fitting_and_training_prompt(folder, d
         assert not set(held.target) & set(held.nearmiss)
         used = {p for s in P.SPLITS for side in (datasets[name].split(s).target, datasets[name].split(s).retain)
                 for p in side}
-        assert not (set(held.target) | set(held.nearmiss)) & (used | training), name
+        targets, retains = P.register_prompts(name, folder)
+        written = set(targets) | set(retains)
+        assert not (set(held.target) | set(held.nearmiss)) & (used | training | written), name
 
 
 def test_heldout_celebrity_names_every_target_in_three_casings_and_no_target_among_the_others(folder, datasets):
@@ -165,3 +167,15 @@ def test_heldout_celebrity_names_every_target_in_three_casings_and_no_target_amo
     assert not any(n.lower() in p.lower() for n in names for p in held.nearmiss)
     with pytest.raises(ValueError, match="no held-out set"):
         P.heldout("cats", folder)
+
+
+def test_register_datasets_add_the_written_prompts_to_every_split_and_keep_them_out_of_sae_training(folder):
+    for name in CONCEPT_NAMES:
+        plain, written = P.concept(name, folder), getattr(P, f"{name}_registers")(folder)
+        targets, retains = P.register_prompts(name, folder)
+        for split in P.SPLITS:
+            extra_t = set(written.split(split).target) - set(plain.split(split).target)
+            extra_r = set(written.split(split).retain) - set(plain.split(split).retain)
+            assert extra_t and extra_t <= set(targets) and extra_r and extra_r <= set(retains), (name, split)
+        assert not set(targets) & set(retains)
+    assert not P.written_prompts(folder) & set(P.sae_training_prompts(folder))
