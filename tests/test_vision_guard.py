@@ -175,3 +175,44 @@ def test_bad_images_are_refused_and_the_model_left_alone(vit_setup):
     with pytest.raises(ValueError, match="scope"):
         guard(model, sae=sae, concepts=[concept()], scope="everything")
     assert {(n, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks
+
+
+# ---------------------------------------------------------------------- EfficientNet-Lite0 (real ImageNet weights)
+SAMPLE_PHOTOS = {  # scikit-image's sample photos and words any sensible top-5 contains
+    "chelsea": ("cat",),
+    "coffee": ("espresso", "cup", "coffee mug"),
+    "rocket": ("missile", "projectile", "space shuttle"),
+}
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_classifies_sample_photos_sensibly(tmp_path, monkeypatch):
+    skimage_data = pytest.importorskip("skimage.data")
+    monkeypatch.setenv("SAE_GUARD_CACHE", str(tmp_path))
+    from timm.data import ImageNetInfo
+
+    from sae_guard.adapters.efficientnet import converted_weights, efficientnet_lite0
+
+    model = efficientnet_lite0()
+    assert converted_weights().parent == tmp_path / "efficientnet-lite0"
+    adapter = VisionAdapter(model)
+    info = ImageNetInfo()
+    for name, words in SAMPLE_PHOTOS.items():
+        pixels = adapter.pixels([Image.fromarray(getattr(skimage_data, name)())])
+        with torch.no_grad():
+            top5 = model(pixels).topk(5).indices[0].tolist()
+        labels = [info.index_to_description(i).lower() for i in top5]
+        assert any(w in label for w in words for label in labels), (name, labels)
+    assert torch.equal(efficientnet_lite0().conv_stem.weight, model.conv_stem.weight)  # the cached file reloads
+
+
+def test_efficientnet_conversion_refuses_a_state_dict_of_another_architecture(tmp_path, monkeypatch):
+    from sae_guard.adapters import efficientnet
+
+    monkeypatch.setenv("SAE_GUARD_CACHE", str(tmp_path))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"_conv_stem.weight": torch.zeros(8, 3, 3, 3)}, wrong)
+    monkeypatch.setattr(efficientnet, "package_weights", lambda: wrong)
+    with pytest.raises(ValueError, match="not the same architecture"):
+        efficientnet.converted_weights()
+    assert not (tmp_path / "efficientnet-lite0" / "model.safetensors").exists()
