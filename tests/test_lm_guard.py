@@ -149,3 +149,29 @@ def test_special_tokens_never_score(word_tokenizer):
 def test_not_a_causal_lm_is_refused(word_tokenizer):
     with pytest.raises(TypeError, match="causal LM"):
         lm.guard_lm(torch.nn.Linear(2, 2), sae=None, concepts=[Concept("x")], tokenizer=word_tokenizer)
+
+
+def test_ce_loss_recovered_definition():
+    from sae_guard.sae.metrics import ce_loss_recovered, kl_divergence
+
+    assert ce_loss_recovered(clean=2.0, spliced=2.0, ablated=6.0) == 1.0
+    assert ce_loss_recovered(clean=2.0, spliced=4.0, ablated=6.0) == 0.5
+    logits = torch.randn(3, 10)
+    assert torch.allclose(kl_divergence(logits, logits), torch.zeros(3), atol=1e-6)
+    assert (kl_divergence(logits, torch.randn(3, 10)) > 0).all()
+
+
+def test_splice_eval_matches_the_models_own_loss(word_tokenizer):
+    model = tiny("llama", len(word_tokenizer))
+    site = lm.residual(model, 1)
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in=32, d_sae=128, k=8)
+    text = "the zebra runs across the field"
+    figures = lm.splice_eval(model, word_tokenizer, sae, site, [text, "the dog sleeps"])
+    single = lm.splice_eval(model, word_tokenizer, sae, site, [text])
+    ids = word_tokenizer(text, return_tensors="pt")["input_ids"]
+    assert single["ce_clean"] == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-4)
+    assert figures["kl"] > 0 and figures["l0"] == pytest.approx(8.0) and figures["fvu"] > 0
+    assert figures["ce_ablated"] != figures["ce_clean"]
+    with pytest.raises(ValueError, match="non-empty text"):
+        lm.splice_eval(model, word_tokenizer, sae, site, ["  "])

@@ -17,6 +17,7 @@ two verdicts, one for the prompt and one for the response (Llama Guard's two rol
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -103,17 +104,10 @@ class TokenScope:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         self.tokenizer, self.scope, self.score_boilerplate = tokenizer, scope, score_boilerplate
         self.phase = "prompt"
-        self._special: Tensor | None = None
-        self._newline: Tensor | None = None
+        # read once here, not in the first guarded call (a 50k vocabulary takes a tenth of a second)
+        self._special, self._newline = _vocab_sets(tokenizer) if tokenizer is not None else (None, None)
 
     def _vocab_sets(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._special is None:
-            tok = self.tokenizer
-            self._special = torch.tensor(sorted(set(tok.all_special_ids or [])), dtype=torch.long)
-            texts = tok.convert_ids_to_tokens(list(range(len(tok))))
-            # byte-level BPE spells "\n" as "Ċ"; sentencepiece as "<0x0A>" or "\n"
-            self._newline = torch.tensor([i for i, t in enumerate(texts) if t and ("\n" in t or "Ċ" in t
-                                                                                   or t == "<0x0A>")], dtype=torch.long)
         return self._special.to(device), self._newline.to(device)
 
     HEADER_SPAN = 4  # a role header (`user`, `assistant`, its newline) is at most this many tokens
@@ -149,6 +143,27 @@ class TokenScope:
         if self.scope not in ("all", self.phase):
             mask[:] = False
         return mask
+
+
+_VOCAB_SETS: "weakref.WeakKeyDictionary[Any, tuple[Tensor, Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _vocab_sets(tokenizer: Any) -> tuple[Tensor, Tensor]:
+    """(special token ids, ids of tokens holding a newline) of a tokenizer, computed once per tokenizer."""
+    try:
+        return _VOCAB_SETS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids or [])), dtype=torch.long)
+    texts = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    # byte-level BPE spells "\n" as "Ċ"; sentencepiece as "<0x0A>"
+    newline = torch.tensor([i for i, t in enumerate(texts) if t and ("\n" in t or "Ċ" in t or t == "<0x0A>")],
+                           dtype=torch.long)
+    try:
+        _VOCAB_SETS[tokenizer] = (special, newline)
+    except TypeError:  # not weak-referenceable: recomputed per scope
+        pass
+    return special, newline
 
 
 # ------------------------------------------------------------------------------------------ per-request verdicts
@@ -214,3 +229,71 @@ def guard_lm(model: nn.Module, sae, concepts: Sequence[Concept], tokenizer: Any,
     gate, policy = build_gate(point, sae, concepts, tokenizer, edit or Edit(mode, strength), batch_size)
     gate.mask_fn = token_scope
     return LMGuard(model, gate, policy, tokenizer, token_scope)
+
+
+# ------------------------------------------------------------------------------------------ the SAE spliced in
+@torch.no_grad()
+def splice_eval(model: nn.Module, tokenizer: Any, sae, hookpoint: str, texts: Sequence[str],
+                batch_size: int = 8, max_tokens: int = 256) -> dict[str, float]:
+    """How much of the LM survives replacing the site by the SAE's reconstruction, on held-out `texts`.
+
+    ce_clean / ce_spliced / ce_ablated: next-token cross-entropy with the site clean, reconstructed, zeroed;
+    ce_loss_recovered: (ablated - spliced) / (ablated - clean); kl: mean KL(clean || spliced) per position;
+    fvu and l0 of the SAE on the same positions. Only real (unpadded) positions count.
+    """
+    from ..hooks.hookpoints import hook_site
+    from ..sae.metrics import Accumulator, ce_loss_recovered, kl_divergence
+
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError("splice_eval needs at least one non-empty text")
+    point = find_hookpoint(model, hookpoint)
+    device = next(model.parameters()).device
+    sae.eval()
+    acc = Accumulator(sae.d_sae)
+    sums = {"clean": 0.0, "spliced": 0.0, "ablated": 0.0, "kl": 0.0}
+    n_next = 0
+    mode = {"value": "clean"}
+
+    def site(hidden: Tensor) -> Tensor | None:
+        if mode["value"] == "clean":
+            return None
+        if mode["value"] == "ablated":
+            return torch.zeros_like(hidden)
+        x = hidden.reshape(-1, hidden.shape[-1]).to(sae.W_enc.device, torch.float32)
+        if x.shape[-1] != sae.d_in:
+            raise ValueError(f"SAE d_in={sae.d_in} does not match the width {x.shape[-1]} of hookpoint {point.name!r}")
+        codes = sae.encode_sparse(x)
+        x_hat = sae.decode(codes)
+        keep = mode["mask"].reshape(-1).to(x.device)
+        acc.update(x[keep], x_hat[keep], type(codes)(codes.values[keep], codes.indices[keep]))
+        return x_hat.to(hidden.dtype).reshape(hidden.shape).to(hidden.device)
+
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    handle = hook_site(point, site)
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_tokens).to(device)
+            ids, attention = enc["input_ids"], enc["attention_mask"].bool()
+            target_ok = attention[:, 1:] & attention[:, :-1]
+            logits = {}
+            for which in ("clean", "spliced", "ablated"):
+                mode["value"], mode["mask"] = which, attention
+                out = model(input_ids=ids, attention_mask=enc["attention_mask"]).logits[:, :-1].float()
+                ce = torch.nn.functional.cross_entropy(out.transpose(1, 2), ids[:, 1:], reduction="none")
+                sums[which] += ce[target_ok].sum().item()
+                logits[which] = out
+            sums["kl"] += kl_divergence(logits["clean"], logits["spliced"])[target_ok].sum().item()
+            n_next += int(target_ok.sum())
+    finally:
+        handle.remove()
+        tokenizer.padding_side = padding_side
+    if n_next == 0:
+        raise ValueError("the texts hold no next-token targets (each needs at least two tokens)")
+    clean, spliced, ablated = (sums[k] / n_next for k in ("clean", "spliced", "ablated"))
+    stats = acc.result()
+    return {"ce_clean": clean, "ce_spliced": spliced, "ce_ablated": ablated,
+            "ce_loss_recovered": ce_loss_recovered(clean, spliced, ablated), "kl": sums["kl"] / n_next,
+            "fvu": stats["fvu"], "l0": stats["l0"], "tokens": float(n_next)}
