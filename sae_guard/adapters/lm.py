@@ -215,6 +215,51 @@ class LMGuard(Guard):
         return [RequestVerdict(prompt[i] if prompt else None, response[i] if response else None) for i in range(n)]
 
 
+def _is_chat(item: Any) -> bool:
+    return isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item)
+
+
+def chat_batch(tokenizer: Any, chats: Sequence[Sequence[dict]], model: nn.Module | None = None,
+               add_generation_prompt: bool = True) -> dict[str, Tensor]:
+    """Left-padded `generate()` inputs for chats, refusing what the model cannot take, with the reason."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{type(tokenizer).__name__} has no chat template; pass plain strings, or set "
+                         "tokenizer.chat_template")
+    chats = list(chats)
+    for i, chat in enumerate(chats):
+        if not _is_chat(chat) or not chat:
+            raise ValueError(f"chat {i} is empty or not a list of {{'role', 'content'}} messages")
+        if not any(str(m.get("content", "")).strip() for m in chat):
+            raise ValueError(f"chat {i} has no message content")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer.apply_chat_template(chats, add_generation_prompt=add_generation_prompt, padding=True,
+                                              return_tensors="pt", return_dict=True)
+    finally:
+        tokenizer.padding_side = side
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = int(batch["attention_mask"].sum(-1).max())
+    if limit and longest > limit:
+        raise ValueError(f"a chat is {longest} tokens long, more than the model's context of {limit}; "
+                         "shorten it (the model was not run)")
+    if model is not None:
+        batch = batch.to(next(model.parameters()).device)
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def render_chats(tokenizer: Any, items: Sequence[Any]) -> list[Any]:
+    """Chats among `items` rendered to the text the model reads (strings pass through): concepts from chats."""
+    out = []
+    for item in items:
+        if _is_chat(item):
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"a concept input is a chat, but {type(tokenizer).__name__} has no chat template")
+            item = tokenizer.apply_chat_template(list(item), tokenize=False)
+        out.append(item)
+    return out
+
+
 def guard_lm(model: nn.Module, sae, concepts: Sequence[Concept], tokenizer: Any, hookpoint: str | None = None,
              scope: str = "all", score_boilerplate: bool = False, edit: Edit | None = None,
              mode: str = "deactivate", strength: float = 0.0, batch_size: int = 32) -> LMGuard:
@@ -224,6 +269,10 @@ def guard_lm(model: nn.Module, sae, concepts: Sequence[Concept], tokenizer: Any,
     if not concepts:
         raise ValueError("guard_lm() needs at least one concept")
     token_scope = TokenScope(tokenizer, scope, score_boilerplate)
+    for concept in concepts:
+        if not concept.fitted:
+            concept.target, concept.retain = render_chats(tokenizer, concept.target), render_chats(tokenizer,
+                                                                                                   concept.retain)
     name = hookpoint or sae.cfg.metadata.get("hookpoint") or default_hookpoint(model)
     point = find_hookpoint(model, name)
     gate, policy = build_gate(point, sae, concepts, tokenizer, edit or Edit(mode, strength), batch_size)
