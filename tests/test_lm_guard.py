@@ -149,6 +149,8 @@ def test_special_tokens_never_score(word_tokenizer):
 def test_not_a_causal_lm_is_refused(word_tokenizer):
     with pytest.raises(TypeError, match="causal LM"):
         lm.guard_lm(torch.nn.Linear(2, 2), sae=None, concepts=[Concept("x")], tokenizer=word_tokenizer)
+    model = tiny("gpt2", len(word_tokenizer))
+    assert type(sae_guard.adapters.registry.adapter_for(model, tokenizer=word_tokenizer)).__name__ == "LMAdapter"
 
 
 def test_ce_loss_recovered_definition():

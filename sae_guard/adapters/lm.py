@@ -28,7 +28,9 @@ from ..concepts.concept import Concept
 from ..concepts.policy import Verdict, merge_verdicts
 from ..hooks.gate import Edit
 from ..hooks.hookpoints import INPUT_SUFFIX, find_hookpoint
-from .guard import Guard, build_gate
+from .base import ModelCall
+from .guard import Guard, build_gate, check_recorded_hookpoint, check_sae
+from .text import TextAdapter
 
 SCOPES = ("prompt", "response", "all")
 
@@ -188,8 +190,8 @@ class RequestVerdict:
 class LMGuard(Guard):
     """A guarded causal LM. `request_verdicts` holds the last request's prompt and response verdicts per row."""
 
-    def __init__(self, target: Any, gate, policy, tokenizer: Any, scope: TokenScope) -> None:
-        super().__init__(target, [gate], [policy], [tokenizer])
+    def __init__(self, target: Any, gate, policy, adapter: "LMAdapter", scope: TokenScope) -> None:
+        super().__init__(target, [gate], [policy], [adapter])
         self.scope = scope
         self._policy = policy
         self._verdicts: dict[str, list[Verdict] | None] = {"prompt": None, "response": None}
@@ -260,24 +262,48 @@ def render_chats(tokenizer: Any, items: Sequence[Any]) -> list[Any]:
     return out
 
 
+class LMAdapter(TextAdapter):
+    """Causal LMs: strings or chats in, scored positions = the scope's content tokens (see `TokenScope`)."""
+
+    name = "lm"
+
+    def __init__(self, model: Any, tokenizer: Any = None, scope: str = "all", score_boilerplate: bool = False
+                 ) -> None:
+        super().__init__(model, tokenizer=tokenizer)
+        self.scope = TokenScope(tokenizer, scope, score_boilerplate)
+
+    @classmethod
+    def matches(cls, model: Any) -> bool:
+        return is_causal_lm(model)
+
+    def default_hookpoint(self, model: nn.Module) -> str:
+        return default_hookpoint(model)
+
+    def prepare(self, model: nn.Module, inputs: Sequence[Any]) -> ModelCall:
+        if _is_chat(inputs) and inputs and isinstance(inputs[0], dict):  # one chat
+            inputs = [inputs]
+        return super().prepare(model, render_chats(self.tokenizer, list(inputs)))
+
+    def positions(self, model: nn.Module) -> TokenScope:
+        return self.scope
+
+
 def guard_lm(model: nn.Module, sae, concepts: Sequence[Concept], tokenizer: Any, hookpoint: str | None = None,
              scope: str = "all", score_boilerplate: bool = False, edit: Edit | None = None,
-             mode: str = "deactivate", strength: float = 0.0, batch_size: int = 32) -> LMGuard:
+             mode: str = "deactivate", strength: float = 0.0, batch_size: int = 32,
+             allow_other_hookpoint: bool = False) -> LMGuard:
     """Attach `sae` at `hookpoint` of the causal LM `model`; gated in every forward, `generate()` included."""
     if not is_causal_lm(model):
         raise TypeError(f"guard_lm needs a transformers causal LM (GPT-2, Llama, Gemma), got {type(model).__name__}")
+    check_sae(sae)
     if not concepts:
         raise ValueError("guard_lm() needs at least one concept")
-    token_scope = TokenScope(tokenizer, scope, score_boilerplate)
-    for concept in concepts:
-        if not concept.fitted:
-            concept.target, concept.retain = render_chats(tokenizer, concept.target), render_chats(tokenizer,
-                                                                                                   concept.retain)
+    adapter = LMAdapter(model, tokenizer, scope=scope, score_boilerplate=score_boilerplate)
     name = hookpoint or sae.cfg.metadata.get("hookpoint") or default_hookpoint(model)
     point = find_hookpoint(model, name)
-    gate, policy = build_gate(point, sae, concepts, tokenizer, edit or Edit(mode, strength), batch_size)
-    gate.mask_fn = token_scope
-    return LMGuard(model, gate, policy, tokenizer, token_scope)
+    check_recorded_hookpoint(model, point, sae, allow_other_hookpoint)
+    gate, policy = build_gate(point, sae, concepts, adapter, edit or Edit(mode, strength), batch_size)
+    return LMGuard(model, gate, policy, adapter, adapter.scope)
 
 
 # ------------------------------------------------------------------------------------------ the SAE spliced in
