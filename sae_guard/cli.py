@@ -167,7 +167,31 @@ def format_verdicts(prompts: Sequence[str], verdicts: Sequence, concepts: Sequen
     return "\n".join(lines)
 
 
-<<<<<<< HEAD
+def format_explanations(prompts: Sequence[str], verdicts: Sequence, tokenizer) -> str:
+    """Per flagged prompt and concept: the tokens the verdict rests on and the latents that carried it, as
+    `latent (contribution to the score) at 'token'`."""
+    lines = ["", "why flagged (tokens; latent (contribution) at token):"]
+    for number, (prompt, verdict) in enumerate(zip(prompts, verdicts), 1):
+        if not verdict.flagged:
+            continue
+        pieces = _token_pieces(tokenizer, prompt)
+        lines.append(f"line {number}: {prompt}")
+        for concept in verdict.concepts:
+            tokens = ", ".join(repr(pieces.get(t, f"#{t}")) for t in verdict.tokens.get(concept, []))
+            latents = ", ".join(f"{row['latent']} ({row['contribution']:.3g}) at {pieces.get(row['token'], row['token'])!r}"
+                                for row in verdict.latents.get(concept, []))
+            lines.append(f"  {concept}: tokens {tokens or '-'}; latents {latents or '-'}")
+    return "\n".join(lines)
+
+
+def _token_pieces(tokenizer, prompt: str) -> dict[int, str]:
+    """Token position -> token text of the prompt as the model reads it (positions of its first window)."""
+    if tokenizer is None:
+        return {}
+    ids = tokenizer(prompt, truncation=True)["input_ids"]
+    return dict(enumerate(tokenizer.convert_ids_to_tokens(ids)))
+
+
 # ---------------------------------------------------------------------------------------------------- eval
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sae", required=True, help="SAE folder (SAE.save format)")
@@ -226,31 +250,6 @@ def _eval(args: argparse.Namespace) -> int:
         for key in ("ce_loss_recovered", "kl", "fvu", "l0", "ce_clean", "ce_spliced", "ce_ablated"):
             print(f"  {key:18} {figures[key]:.4f}")
     return EXIT_OK
-=======
-def format_explanations(prompts: Sequence[str], verdicts: Sequence, tokenizer) -> str:
-    """Per flagged prompt and concept: the tokens the verdict rests on and the latents that carried it, as
-    `latent (contribution to the score) at 'token'`."""
-    lines = ["", "why flagged (tokens; latent (contribution) at token):"]
-    for number, (prompt, verdict) in enumerate(zip(prompts, verdicts), 1):
-        if not verdict.flagged:
-            continue
-        pieces = _token_pieces(tokenizer, prompt)
-        lines.append(f"line {number}: {prompt}")
-        for concept in verdict.concepts:
-            tokens = ", ".join(repr(pieces.get(t, f"#{t}")) for t in verdict.tokens.get(concept, []))
-            latents = ", ".join(f"{row['latent']} ({row['contribution']:.3g}) at {pieces.get(row['token'], row['token'])!r}"
-                                for row in verdict.latents.get(concept, []))
-            lines.append(f"  {concept}: tokens {tokens or '-'}; latents {latents or '-'}")
-    return "\n".join(lines)
-
-
-def _token_pieces(tokenizer, prompt: str) -> dict[int, str]:
-    """Token position -> token text of the prompt as the model reads it (positions of its first window)."""
-    if tokenizer is None:
-        return {}
-    ids = tokenizer(prompt, truncation=True)["input_ids"]
-    return dict(enumerate(tokenizer.convert_ids_to_tokens(ids)))
->>>>>>> main
 
 
 # ---------------------------------------------------------------------------------------------------- plumbing
