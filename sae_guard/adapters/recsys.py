@@ -40,10 +40,15 @@ class SASRec(nn.Module):
         T = ids.shape[1]
         x = self.items(ids) * math.sqrt(self.items.embedding_dim)
         x = self.dropout(x + self.positions(torch.arange(self.max_len - T, self.max_len, device=ids.device)))
-        causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=ids.device), 1)
         pad = ids == 0
+        x = x.masked_fill(pad.unsqueeze(-1), 0.0)
+        # a position reads itself and the real items before it, never padding (so padding changes nothing); a
+        # padding position reads only itself (no empty softmax row) and is zeroed after every layer
+        eye = torch.eye(T, dtype=torch.bool, device=ids.device)
+        blocked = (torch.triu(torch.ones(T, T, dtype=torch.bool, device=ids.device), 1) | pad[:, None, :]) & ~eye
+        blocked = blocked.repeat_interleave(self.config["n_heads"], 0)
         for layer in self.layers:
-            x = layer(x, src_mask=causal, src_key_padding_mask=None)
+            x = layer(x, src_mask=blocked)
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         return self.final_norm(x)
 
