@@ -20,40 +20,10 @@ import torch
 from sae_guard.adapters.recsys import RecAdapter, SASRec, fit_sasrec, pad_histories, rank_metrics
 from sae_guard.hooks.gate import Edit, Gate
 from sae_guard.hooks.hookpoints import find_hookpoint
-from sae_guard.recsys_data import AGE_BANDS, DECADES, GENRES, load_movielens
+from sae_guard.analysis.rec_concepts import attributes, concept_dictionary
+from sae_guard.recsys_data import GENRES, load_movielens
 from sae_guard.sae import SAE
 from sae_guard.train import train
-
-
-def attributes(data, users, last_items):
-    """(n, A) bool: the last item's genres and decade, the user's age band, gender, occupation."""
-    occupations = sorted(set(data.user_occupation))
-    names = list(GENRES) + list(DECADES) + [b[2] for b in AGE_BANDS] + ["female", "male"] + occupations
-    rows = []
-    for u, item in zip(users, last_items):
-        row = data.item_genres[item].tolist() + [data.item_decade[item].item() == i for i in range(len(DECADES))]
-        row += [lo <= data.user_age[u] < hi for lo, hi, _ in AGE_BANDS]
-        row += [data.user_gender[u] == "F", data.user_gender[u] == "M"]
-        row += [data.user_occupation[u] == o for o in occupations]
-        rows.append(row)
-    return torch.tensor(rows), names
-
-
-def concept_dictionary(fires_fit, attrs_fit, fires_held, attrs_held):
-    """Per latent: the attribute whose presence best predicts its firing on the fit users (F1), and that pairing's
-    precision, recall and F1 on held-out users. Confidence = held-out F1; lift = held-out precision / base rate."""
-    def f1_table(fires, attrs):
-        f, a = fires.float(), attrs.float()
-        both = f.T @ a  # (latents, attrs)
-        precision = both / f.sum(0)[:, None].clamp_min(1)
-        recall = both / a.sum(0)[None].clamp_min(1)
-        return precision, recall, 2 * precision * recall / (precision + recall).clamp_min(1e-9)
-    _, _, f1 = f1_table(fires_fit, attrs_fit)
-    best = f1.argmax(1)
-    p, r, f = f1_table(fires_held, attrs_held)
-    idx = torch.arange(len(best))
-    base = attrs_held.float().mean(0)[best]
-    return best, p[idx, best], r[idx, best], f[idx, best], p[idx, best] / base.clamp_min(1e-9)
 
 
 def main() -> None:

