@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from sae_guard.adapters.recsys import RecAdapter, SASRec, fit_sasrec, pad_histories, rank_metrics
+from sae_guard.adapters.recsys import (RecAdapter, SASRec, fit_sasrec, pad_histories, rank_metrics, save_sasrec,
+                                       training_windows)
 from sae_guard.hooks.gate import Edit, Gate
 from sae_guard.hooks.hookpoints import find_hookpoint
 from sae_guard.analysis.rec_concepts import attributes, concept_dictionary
@@ -58,8 +59,6 @@ def main() -> None:
     print(json.dumps(figures))
 
     # RecSAE: TopK k=32, 2048 latents, every valid position of the training windows
-    train_ids = pad_histories([s[:-2] for s in seqs], data.n_items, model.max_len)
-    from sae_guard.adapters.recsys import training_windows
     x, _ = training_windows([s[:-2] for s in seqs], model.max_len)
     with torch.no_grad():
         states = model(x)[x != 0]
@@ -131,6 +130,8 @@ def main() -> None:
         "HR@10_other_genre_users_before": before_other["hit"].mean().item(),
         "HR@10_other_genre_users_deactivated": off_other["hit"].mean().item(), "n_other_users": len(other)}
     print(json.dumps(figures["control"]))
+    save_sasrec(model, out / "sasrec")
+    sae.save(out / "sae")
     (out / "figures.json").write_text(json.dumps(figures, indent=2))
 
 

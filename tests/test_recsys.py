@@ -108,3 +108,12 @@ def test_concept_dictionary_scores_the_fit_pairing_on_held_out_data():
     assert best.tolist() == [0, 1]
     assert precision.tolist() == [1.0, 0.0] and recall.tolist() == [0.5, 0.0]
     assert lift[0].item() == 2.0
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    from sae_guard.adapters.recsys import load_sasrec, save_sasrec
+    ids = pad_histories([[1, 2, 3]], 30, 8)
+    again = load_sasrec(save_sasrec(model, tmp_path / "m"))
+    assert torch.equal(again.scores(ids), model.scores(ids))
+    with pytest.raises(FileNotFoundError, match="holds no SASRec"):
+        load_sasrec(tmp_path / "empty")

@@ -8,7 +8,9 @@ the item embeddings, is what scores at guard time. Histories longer than the win
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -148,3 +150,26 @@ def rank_metrics(scores: Tensor, seen: Sequence[Sequence[int]], targets: Tensor,
     rank = (scores > scores.gather(1, targets[:, None])).sum(1)
     hit = (rank < k).float()
     return {"hit": hit, "ndcg": hit / torch.log2(rank.float() + 2), "top": scores.topk(k, dim=1).indices}
+
+
+def save_sasrec(model: SASRec, folder: str | Path) -> Path:
+    """config.json + model.safetensors (stock formats, a few hundred KB for MovieLens-100k)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def load_sasrec(folder: str | Path) -> SASRec:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} holds no SASRec (config.json and model.safetensors); build one with "
+                                "`python benchmarks/recsys.py --out DIR`")
+    model = SASRec(**json.loads((folder / "config.json").read_text()))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval()
