@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from sae_guard.adapters.recsys import (RecAdapter, SASRec, fit_sasrec, pad_histories, rank_metrics, save_sasrec,
+from sae_guard.adapters.recsys import (RecAdapter, SASRec, fit_sasrec, pad_histories, rank_metrics, load_sasrec,
+                                       save_sasrec,
                                        training_windows)
 from sae_guard.hooks.gate import Edit, Gate
 from sae_guard.hooks.hookpoints import find_hookpoint
@@ -30,9 +31,12 @@ from sae_guard.train import train
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--steer", type=float, default=4.0, help="steering strength (the user state has norm ~8)")
     ap.add_argument("--sae-tokens", type=int, default=2_000_000)
     ap.add_argument("--genre", default=None, help="default: the genre with most confident latents")
     ap.add_argument("--out", default="recsys-report")
+    ap.add_argument("--from", dest="source", default=None,
+                    help="a folder this script wrote (sasrec/, sae/): reuse its model and SAE instead of training")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
@@ -41,7 +45,10 @@ def main() -> None:
     histories = [s[:-1] for s in seqs]
     targets = torch.tensor([s[-1] for s in seqs])
     t0 = time.time()
-    model = fit_sasrec(SASRec(data.n_items), [s[:-2] for s in seqs], epochs=args.epochs)
+    if args.source:
+        model = load_sasrec(Path(args.source) / "sasrec")
+    else:
+        model = fit_sasrec(SASRec(data.n_items), [s[:-2] for s in seqs], epochs=args.epochs)
     train_s = time.time() - t0
     ids = pad_histories(histories, data.n_items, model.max_len)
 
@@ -62,9 +69,12 @@ def main() -> None:
     x, _ = training_windows([s[:-2] for s in seqs], model.max_len)
     with torch.no_grad():
         states = model(x)[x != 0]
-    sae = SAE.create("topk", d_in=states.shape[1], d_sae=2048, k=32)
     t0 = time.time()
-    train(sae, states, tokens=args.sae_tokens, batch_size=1024, progress=False)
+    if args.source:
+        sae = SAE.load(Path(args.source) / "sae")
+    else:
+        sae = SAE.create("topk", d_in=states.shape[1], d_sae=2048, k=32)
+        train(sae, states, tokens=args.sae_tokens, batch_size=1024, progress=False)
     sae.eval()
     figures["sae"] = {"states": len(states), "train_seconds": round(time.time() - t0, 1)}
     handle = model.final_norm.register_forward_hook(lambda m, i, o: sae(o.flatten(0, 1)).view_as(o))
@@ -99,11 +109,18 @@ def main() -> None:
     print(json.dumps(figures["concepts"]))
 
     # control: deactivate the latents of one genre through the Gate
-    genre_counts = torch.bincount(best[confident & (best < len(GENRES))], minlength=len(GENRES))
-    g = GENRES.index(args.genre) if args.genre else int(genre_counts.argmax())
+    # a genre's latents: those firing for >= 5 fit users with precision >= 2x the genre's base rate there (the last
+    # item's genre); chosen on fit users only, measured on held-out ones
+    ffit, gfit = fires[fit].float(), attrs[fit][:, :len(GENRES)].float()
+    support = ffit.sum(0)
+    genre_lift = (ffit.T @ gfit) / support[:, None].clamp_min(1) / gfit.mean(0).clamp_min(1e-9)
+    associated = (genre_lift >= 2) & (support[:, None] >= 5)
+    g = GENRES.index(args.genre) if args.genre else int(associated.sum(0).argmax())
     args.genre = GENRES[g]
-    chosen = torch.tensor([i for i in range(2048) if confident[i] and best[i] == g], dtype=torch.long)
-    latents = torch.zeros(2048, dtype=torch.bool); latents[chosen] = True
+    latents = associated[:, g]
+    chosen = latents.nonzero().flatten()
+    direction = sae.W_dec.detach()[chosen].mean(0)
+    direction = direction / direction.norm().clamp_min(1e-12)
     point = find_hookpoint(model, RecAdapter(model).default_hookpoint(model))
     adapter = RecAdapter(model)
     held_t = torch.tensor(held)
@@ -112,8 +129,10 @@ def main() -> None:
     def share(top):
         return data.item_genres[top][..., g].float().mean().item()
 
-    def controlled(edit):
-        gate = Gate(point, sae, lambda call: latents[call.codes.indices], edit, mask_fn=adapter.positions(model))
+    def controlled(edit, every_row=False):
+        decide = ((lambda call: torch.ones_like(call.codes.values, dtype=torch.bool)) if every_row
+                  else (lambda call: latents[call.codes.indices]))
+        gate = Gate(point, sae, decide, edit, mask_fn=adapter.positions(model))
         gate.attach()
         try:
             return evaluate(held), evaluate(other)
@@ -122,7 +141,7 @@ def main() -> None:
 
     before_all, before_other = evaluate(held), evaluate(other)
     off_all, off_other = controlled(Edit("deactivate", 0.0))
-    steer_all, _ = controlled(Edit("steer", 4.0))
+    steer_all, _ = controlled(Edit("steer", args.steer, direction=direction), every_row=True)
     figures["control"] = {
         "genre": args.genre, "latents": len(chosen),
         "share_top10_before": share(before_all["top"]), "share_top10_deactivated": share(off_all["top"]),
