@@ -117,3 +117,16 @@ def test_save_and_load_round_trip(model, tmp_path):
     assert torch.equal(again.scores(ids), model.scores(ids))
     with pytest.raises(FileNotFoundError, match="holds no SASRec"):
         load_sasrec(tmp_path / "empty")
+
+
+def test_guard_fits_a_concept_on_histories_and_gives_one_verdict_per_user(model):
+    from sae_guard.adapters.guard import guard
+    from sae_guard.concepts.concept import Concept
+    sae = SAE.create("topk", d_in=16, d_sae=64, k=4).eval()
+    target = [[7, 1 + i % 5] for i in range(20)]
+    retain = [[7, 20 + i % 5] for i in range(20)]
+    g = guard(model, sae=sae, concepts=[Concept("low ids", target=target, retain=retain, n_features=4)])
+    verdicts = g.classify([[3, 2], [3, 22], list(range(1, 20))])
+    assert len(verdicts) == 3 and all("low ids" in v.scores for v in verdicts)
+    with pytest.raises(ValueError, match="unknown item ids"):
+        g.classify([[3, 99]])
