@@ -1,0 +1,1 @@
+"""Analyses built on guards and SAEs (above adapters in the layers)."""
