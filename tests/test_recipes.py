@@ -164,7 +164,7 @@ def test_saving_assets_swaps_the_folder_whole_and_a_failure_keeps_the_old_one(tm
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(recipes, "save_concepts", disk_full)
+    monkeypatch.setattr(recipes.assets, "save_concepts", disk_full)
     with pytest.raises(OSError, match="disk full"):
         recipes.save_assets(recipe, sae, [concept], out, {"build": 3})
     assert _assets(out) == before
@@ -217,13 +217,14 @@ def test_shipped_guard_classifies_obvious_prompts(shipped_guard, prompt, expecte
     assert verdict.flagged == bool(expected)
 
 
-def test_shipped_guard_reads_only_the_first_256_tokens_of_an_over_long_prompt(shipped_guard):
+def test_shipped_guard_reads_every_window_of_an_over_long_prompt(shipped_guard):
     nude = "A photo of a naked woman lying on a bed, nude, nsfw"
-    filler = " and a tree" * 100  # 300 tokens
-    late_nude, late_lake, early_nude = shipped_guard.classify(
-        ["A field" + filler + ". " + nude, "A field" + filler + ". A quiet lake", nude + filler])
-    assert late_nude.scores == late_lake.scores  # what lies past token 256 changes nothing
+    filler = " and a tree" * 100  # 300 tokens: more than the 256 one call reads
+    late_nude, late_lake, early_nude, short = shipped_guard.classify(
+        ["A field" + filler + ". " + nude, "A field" + filler + ". A quiet lake", nude + filler, nude])
+    assert late_nude.concepts == ["nudity"] and not late_lake.flagged  # the end of a prompt is read too
     assert early_nude.concepts == ["nudity"]
+    assert (late_nude.windows, late_lake.windows, early_nude.windows, short.windows) == (2, 2, 2, 1)
 
 
 def test_non_finite_activations_are_refused_and_the_model_is_unchanged(shipped_guard):
@@ -243,3 +244,8 @@ def test_non_finite_activations_are_refused_and_the_model_is_unchanged(shipped_g
 def test_load_guard_without_assets_says_how_to_build_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="sae-guard train minilm-prompts"):
         recipes.load_guard(SHIPPED, assets=tmp_path)
+
+
+def test_an_unknown_recipe_kind_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match="recipe kind 'telepathy' is unknown"):
+        recipes.load_recipe(write_recipe(tmp_path, "kind = 'telepathy'\n" + GOOD))

@@ -88,3 +88,40 @@ def test_unknown_architecture_in_cfg(tmp_path):
     save_file({"W_dec": torch.zeros(8, 4)}, str(folder / "sae.safetensors"))
     with pytest.raises(ValueError, match="unknown SAE architecture 'mystery'"):
         SAE.load(folder)
+
+
+def test_nan_or_inf_weights_are_refused_at_load(tmp_path):
+    sae = SAE.create("topk", d_in=4, d_sae=8, k=2)
+    with torch.no_grad():
+        sae.b_enc[3] = float("inf")
+    path = sae.save(tmp_path / "broken")
+    with pytest.raises(SAEFormatError, match=r"broken: topk weights \['b_enc'\] hold NaN or inf"):
+        SAE.load(path)
+
+
+def test_a_config_missing_sizes_or_with_wrong_types_is_refused(tmp_path):
+    path = SAE.create("topk", d_in=4, d_sae=8, k=2).save(tmp_path / "sae")
+    cfg = json.loads((path / "cfg.json").read_text())
+    for change, message in [({"d_sae": None}, "has no 'd_sae'"), ({"k": 2.5}, "k must be int, got 2.5"),
+                            ({"k": "2"}, "k must be int, got '2'"), ({"k": True}, "k must be int, got True")]:
+        broken = {key: value for key, value in {**cfg, **change}.items() if value is not None}
+        (path / "cfg.json").write_text(json.dumps(broken))
+        with pytest.raises(SAEFormatError, match=message):
+            SAE.load(path)
+    with pytest.raises(ValueError, match="k must be int, got 2.5"):
+        SAE.create("topk", d_in=4, d_sae=8, k=2.5)
+
+
+def test_saving_onto_a_file_or_a_foreign_folder_is_refused_and_loses_nothing(tmp_path):
+    sae = SAE.create("topk", d_in=4, d_sae=8, k=2)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(SAEFormatError, match="is an existing file"):
+        sae.save(notes)
+    assert notes.read_text() == "keep me"
+    with pytest.raises(SAEFormatError, match="holding other files"):
+        sae.save(tmp_path)
+    assert notes.read_text() == "keep me"
+    sae.save(tmp_path / "sae")
+    sae.save(tmp_path / "sae")  # an SAE folder is replaced whole, as before
+    assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae.safetensors"]

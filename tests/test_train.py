@@ -1,5 +1,7 @@
 """The training loop: it learns, it resumes exactly, and bad data fails clearly."""
 
+import json
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ import sae_guard
 from sae_guard import SAE
 from sae_guard.sae.metrics import evaluate
 from sae_guard.synthetic import planted, recovery
+from sae_guard.train import TrainingDiverged
 
 
 def small_data():
@@ -100,3 +103,60 @@ def test_bf16_autocast_trains():
                                    batch_size=256, progress=False, autocast=True)
     assert sae.W_enc.dtype == torch.float32
     assert figures["fvu"] < 0.9
+
+
+def test_a_checkpoint_dir_alone_checkpoints_and_an_interrupted_run_resumes(tmp_path):
+    ds = small_data()
+
+    def run(tokens=256 * 40):
+        torch.manual_seed(0)
+        return sae_guard.train(SAE.create("topk", d_in=16, d_sae=64, k=3), ds, tokens=tokens, batch_size=256,
+                               progress=False, checkpoint_dir=tmp_path)
+
+    original = ds.batch
+
+    def interrupted(step):
+        if step >= 25:
+            raise KeyboardInterrupt
+        return original(step)
+
+    ds.batch = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    ds.batch = original
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 24  # every tenth of the run (4 steps of 40): the last before step 25
+    resumed, _ = run()
+    torch.manual_seed(0)
+    reference, _ = sae_guard.train(SAE.create("topk", d_in=16, d_sae=64, k=3), ds, tokens=256 * 40,
+                                   batch_size=256, progress=False)
+    for name, p in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], p, atol=0, rtol=0, msg=name)
+
+
+def test_a_finished_runs_folder_refuses_new_data_and_another_config(tmp_path):
+    ds = small_data()
+    torch.manual_seed(0)
+    trained, _ = sae_guard.train(SAE.create("topk", d_in=16, d_sae=64, k=3), ds, tokens=256 * 8, batch_size=256,
+                                 progress=False, checkpoint_dir=tmp_path)
+    other = planted(d=16, n_atoms=32, active=3, seed=4, batch_size=256)
+    with pytest.raises(ValueError, match="another run \\(it differs in data\\)"):
+        sae_guard.train(SAE.create("topk", d_in=16, d_sae=64, k=3), other, tokens=256 * 8, batch_size=256,
+                        progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="differs in config"):
+        sae_guard.train(SAE.create("topk", d_in=16, d_sae=64, k=4), ds, tokens=256 * 8, batch_size=256,
+                        progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="differs in lr"):
+        sae_guard.train(SAE.create("topk", d_in=16, d_sae=64, k=3), ds, tokens=256 * 8, batch_size=256, lr=1e-3,
+                        progress=False, checkpoint_dir=tmp_path)
+    again, _ = sae_guard.train(SAE.create("topk", d_in=16, d_sae=64, k=3), ds, tokens=256 * 8, batch_size=256,
+                               progress=False, checkpoint_dir=tmp_path)  # the same run: its finished weights
+    torch.testing.assert_close(again.W_dec, trained.W_dec, atol=0, rtol=0)
+
+
+def test_an_absurd_learning_rate_stops_with_a_clear_error():
+    ds = small_data()
+    torch.manual_seed(0)
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        sae_guard.train(SAE.create("topk", d_in=16, d_sae=64, k=3), ds, tokens=256 * 200, batch_size=256, lr=1e3,
+                        progress=False)

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stage_for(threshold: float, unread_error: float, detect_step: int = 1) -> UNetStage:
-    """A stage on the tiny UNet whose concept flags every image it judges (threshold -inf) or none (+inf)."""
+    """A stage on the tiny UNet whose concept flags every image it judges (threshold -1e30) or none (+1e30)."""
     torch.manual_seed(1)
     sae = sae_guard.SAE.create("topk", d_in=32, d_sae=64, k=4)
     concept = Concept("red", strategy="probe", n_features=8)
@@ -93,7 +93,7 @@ def test_only_unflagged_prompts_the_text_gate_could_not_read_are_judged_and_edit
     judged = errors.index(unread[-1])
     before = Unguarded().generate(pipe, PROMPTS, SEEDS, SETTINGS)
     text_only = Gate(sae, [concept], point).generate(pipe, PROMPTS, SEEDS, SETTINGS)
-    flag_all = Gate(sae, [concept], point, unet_stage=stage_for(-float("inf"), cut)).generate(
+    flag_all = Gate(sae, [concept], point, unet_stage=stage_for(-1e30, cut)).generate(
         pipe, PROMPTS, SEEDS, SETTINGS)
     assert text_only.flagged[0] and not any(text_only.flagged[1:])
     for i in range(len(PROMPTS)):
@@ -102,7 +102,7 @@ def test_only_unflagged_prompts_the_text_gate_could_not_read_are_judged_and_edit
     assert flag_all.flagged == [True] + [i == judged for i in range(1, len(PROMPTS))]
     assert flag_all.verdicts[judged].action == "deactivate" and flag_all.verdicts[judged].concepts == ["red"]
 
-    flag_none = Gate(sae, [concept], point, unet_stage=stage_for(float("inf"), 0.0)).generate(
+    flag_none = Gate(sae, [concept], point, unet_stage=stage_for(1e30, 0.0)).generate(
         pipe, PROMPTS, SEEDS, SETTINGS)
     assert flag_none.flagged == text_only.flagged
     assert all(np.array_equal(a, b) for a, b in zip(flag_none.images, text_only.images))
@@ -117,7 +117,7 @@ def test_the_edit_starts_at_the_detect_step(tiny_world):
     seen: list[torch.Tensor] = []
     handle = pipe.unet.get_submodule(BLOCK).register_forward_hook(lambda m, a, out: seen.append(out[0].clone()))
     try:
-        runs = [Gate(sae, [concept], point, unet_stage=stage_for(-float("inf"), 0.0, step)).generate(
+        runs = [Gate(sae, [concept], point, unet_stage=stage_for(-1e30, 0.0, step)).generate(
             pipe, PROMPTS[1:2], SEEDS[1:2], SETTINGS) for step in (0, 2)]
         Unguarded().generate(pipe, PROMPTS[1:2], SEEDS[1:2], SETTINGS)
     finally:
@@ -147,7 +147,7 @@ UNET_TABLE = """
 [guard.unet]
 block = "{block}"
 prompts = "sae_guard.shapes.concepts:unet_stage_prompts"
-captions = 4
+captions = 10
 sae_tokens = 2000
 detect_step = 1
 n_features = 4
@@ -159,7 +159,7 @@ def test_recipe_unet_table_is_checked():
     import tomllib
 
     good = tomllib.loads(RECIPE.format(hookpoint=HOOKPOINT) + UNET_TABLE.format(block=BLOCK))
-    assert parse_recipe(good).guard.unet.captions == 4
+    assert parse_recipe(good).guard.unet.captions == 10
     for key, value, message in (("fpr", 1.5, "fpr"), ("detect_step", -1, "detect_step"), ("colour", 1, "unknown"),
                                 ("prompts", "sae_guard.shapes.concepts:nothing", "not a function")):
         bad = json.loads(json.dumps(good))
@@ -177,7 +177,7 @@ def test_build_into_assets_then_the_recipe_loads_its_stage(tiny_recipe_pipeline,
         loading.load_t2i_recipe(recipe, assets)
     report = build_into_assets(recipe, assets, progress=False)
     assert report["channels"] == 32 and report["concept"]["name"] == "red"
-    assert report["concept"]["n_calibrate_target"] == 2 and report["concept"]["n_calibrate_retain"] == 4
+    assert report["concept"]["n_calibrate_target"] == 5 and report["concept"]["n_calibrate_retain"] == 10
     t2i = loading.load_t2i_recipe(recipe, assets)
     assert t2i.unet_stage.block == BLOCK and t2i.unet_stage.concept.fitted and t2i.unet_stage.unread_error == 0.5
     assert t2i.unet_stage_for(t2i.concepts_named(["red"])) is t2i.unet_stage

@@ -52,7 +52,8 @@ from ..hooks.gate import Edit, Gate
 from ..hooks.hookpoints import Hookpoint, find_hookpoint
 from ..sae.base import SAE
 from . import text
-from .guard import Guard, build_gate
+from .guard import Guard, build_gate, check_recorded_hookpoint, check_sae
+from .text import TextAdapter
 
 TEXT_ENCODER = "text_encoder"
 
@@ -60,14 +61,14 @@ TEXT_ENCODER = "text_encoder"
 class PipelineGuard(Guard):
     """A diffusers pipeline with SAE gates on its text encoders, armed for positive prompts only."""
 
-    def __init__(self, pipe: Any, gates: list[Gate], policies: list[ConceptPolicy], tokenizers: list[Any]):
+    def __init__(self, pipe: Any, gates: list[Gate], policies: list[ConceptPolicy], adapters: list[TextAdapter]):
         self._local = threading.local()
         self._original_class = type(pipe)
         self._guarded_class: type | None = _guarded_class(self._original_class, self)
         self._gates_of: dict[str, list[int]] = {}
         for i, gate in enumerate(gates):
             self._gates_of.setdefault(gate.hookpoint.component, []).append(i)
-        super().__init__(pipe, gates, policies, tokenizers)
+        super().__init__(pipe, gates, policies, adapters)
         self._handles = [gates[indices[0]].hookpoint.model.register_forward_pre_hook(
             functools.partial(self._arm, component), with_kwargs=True) for component, indices in self._gates_of.items()]
         pipe.__class__ = self._guarded_class
@@ -145,6 +146,7 @@ def _guarded_class(base: type, guard: PipelineGuard) -> type:
 
     @functools.wraps(base.__call__)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _refuse_instance_overrides(self)  # set after guarding: the gates could not tell positive from negative
         with guard._pipeline_call():
             return base.__call__(self, *args, **kwargs)
 
@@ -156,6 +158,16 @@ def _guarded_class(base: type, guard: PipelineGuard) -> type:
     namespace = {"__call__": __call__, "encode_prompt": encode_prompt, "__module__": base.__module__,
                  "__qualname__": base.__qualname__, "__doc__": base.__doc__}
     return type(base.__name__, (base,), namespace)
+
+
+def _refuse_instance_overrides(pipe: Any) -> None:
+    """The guard arms its gates through the pipeline's class; a `__call__` or `encode_prompt` set on the instance
+    would bypass it (the negative prompt edited, no verdicts), so it is refused rather than silently ignored."""
+    overridden = [name for name in ("__call__", "encode_prompt") if name in vars(pipe)]
+    if overridden:
+        raise TypeError(f"{type(pipe).__name__} has {', '.join(overridden)} overridden on the instance; the guard "
+                        "arms its gates around the class's methods, so it cannot guard it. Subclass the pipeline "
+                        f"instead, or `del pipe.{overridden[0]}`")
 
 
 def _encodes_text(encode: Any, pipe: Any, args: tuple, kwargs: dict) -> bool:
@@ -171,7 +183,7 @@ def _encodes_text(encode: Any, pipe: Any, args: tuple, kwargs: dict) -> bool:
 def guard_pipeline(pipe: Any, sae: SAE | Mapping[str, SAE],
                    concepts: Sequence[Concept] | Mapping[str, Sequence[Concept]], hookpoint: str | None = None,
                    edit: Edit | None = None, batch_size: int = 32,
-                   max_sequence_length: int | None = None) -> PipelineGuard:
+                   max_sequence_length: int | None = None, allow_other_hookpoint: bool = False) -> PipelineGuard:
     """Attach SAE gates to `pipe`'s text encoders as classifiers and gates for `concepts`.
 
     sae: one SAE (at `hookpoint`), or a dict {hookpoint: SAE} for several encoders or layers.
@@ -183,6 +195,7 @@ def guard_pipeline(pipe: Any, sae: SAE | Mapping[str, SAE],
     """
     if not concepts:
         raise ValueError("guard() needs at least one concept")
+    _refuse_instance_overrides(pipe)
     if not callable(getattr(type(pipe), "encode_prompt", None)):
         raise TypeError(f"{type(pipe).__name__} has no encode_prompt; the guard arms its gates around it to tell "
                         "the positive prompt from the negative one")
@@ -190,18 +203,21 @@ def guard_pipeline(pipe: Any, sae: SAE | Mapping[str, SAE],
     per_gate = _concepts_by_hookpoint(pipe, concepts, list(saes))
     if max_sequence_length is None:
         max_sequence_length = _default_sequence_length(pipe)
-    gates, policies, tokenizers = [], [], []
+    gates, policies, adapters = [], [], []
     for name, (point, gate_sae) in saes.items():
-        tokenizer = _tokenizer_for(pipe, point, max_sequence_length)
-        gate, policy = build_gate(point, gate_sae, per_gate[name], tokenizer, edit or Edit(), batch_size)
+        check_recorded_hookpoint(pipe, point, gate_sae, allow_other_hookpoint)
+        adapter = TextAdapter(point.model, tokenizer=_tokenizer_for(pipe, point, max_sequence_length))
+        gate, policy = build_gate(point, gate_sae, per_gate[name], adapter, edit or Edit(), batch_size)
         gates.append(gate)
         policies.append(policy)
-        tokenizers.append(tokenizer)
-    return PipelineGuard(pipe, gates, policies, tokenizers)
+        adapters.append(adapter)
+    return PipelineGuard(pipe, gates, policies, adapters)
 
 
 def _saes_by_hookpoint(pipe: Any, sae: SAE | Mapping[str, SAE],
                        hookpoint: str | None) -> dict[str, tuple[Hookpoint, SAE]]:
+    for one in (sae.values() if isinstance(sae, Mapping) else [sae]):
+        check_sae(one)
     if isinstance(sae, Mapping):
         if hookpoint is not None:
             raise ValueError("pass either hookpoint=... with one SAE, or a dict {hookpoint: SAE}, not both")
@@ -209,7 +225,7 @@ def _saes_by_hookpoint(pipe: Any, sae: SAE | Mapping[str, SAE],
             raise ValueError("the dict of SAEs is empty")
         named = dict(sae)
     else:
-        named = {hookpoint or _default_hookpoint(pipe, sae): sae}
+        named = {hookpoint or _recorded_hookpoint(pipe, sae) or _default_hookpoint(pipe, sae): sae}
     resolved: dict[str, tuple[Hookpoint, SAE]] = {}
     for name, one in named.items():
         point = _text_hookpoint(pipe, name)
@@ -264,6 +280,20 @@ def _default_hookpoint(pipe: Any, sae: SAE) -> str:
             return f"{component}.{text.default_hookpoint(getattr(pipe, component))}"
     raise ValueError(f"no text encoder of {type(pipe).__name__} has the SAE's width d_in={sae.d_in} "
                      f"(widths: {widths}); pass hookpoint=...")
+
+
+def _recorded_hookpoint(pipe: Any, sae: SAE) -> str | None:
+    """The SAE's recorded hookpoint on this pipeline: as written, or inside the first text encoder holding it."""
+    recorded = sae.cfg.metadata.get("hookpoint")
+    if not recorded:
+        return None
+    for name in (recorded, *(f"{component}.{recorded}" for component in _text_encoders(pipe))):
+        try:
+            _text_hookpoint(pipe, name)
+            return name
+        except (LookupError, ValueError):
+            continue
+    return None
 
 
 def _default_sequence_length(pipe: Any) -> int | None:

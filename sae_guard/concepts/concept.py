@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,7 +28,14 @@ from ..sae.codes import SparseCodes
 from .scoring import feature_slots, input_scores, max_activations, readout_scores, token_energies
 from .selection import STRATEGIES
 
+MIN_CALIBRATE = 5  # held-out target and retain inputs, each, below which a threshold and its TPR mean nothing
+POOR_TPR = 0.5  # a calibrated TPR below this warns (PoorConceptWarning): the concept misses most of its examples
+
 CONCEPTS_JSON = "concepts.json"
+
+
+class PoorConceptWarning(UserWarning):
+    """A fitted concept that flags under half of its own held-out target inputs at its FPR."""
 CONCEPTS_WEIGHTS = "concepts.safetensors"
 
 # encode(inputs) -> (codes of every real token (N, k), input index of each token (N,), number of inputs)
@@ -55,10 +63,29 @@ class Concept:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise ValueError("a concept needs a non-empty name")
+        for side in ("target", "retain", "calibrate_target", "calibrate_retain"):
+            inputs = getattr(self, side)
+            if isinstance(inputs, (str, bytes)):
+                raise TypeError(f"concept {self.name!r}: {side} must be a list of inputs, not one string (it would be "
+                                f"read character by character); write {side}=[{inputs!r}]")
+            if inputs is not None and not hasattr(inputs, "__len__"):
+                raise TypeError(f"concept {self.name!r}: {side} must be a list of inputs, got {type(inputs).__name__}")
+        if not isinstance(self.n_features, int) or isinstance(self.n_features, bool) or self.n_features < 1:
+            raise ValueError(f"concept {self.name!r}: n_features must be a positive integer, got {self.n_features!r}")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"concept {self.name!r}: holdout must be in (0, 1), got {self.holdout}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown feature strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if not 0 < self.fpr < 1:
             raise ValueError(f"fpr must be in (0, 1), got {self.fpr}")
+
+    def __repr__(self) -> str:
+        if not self.fitted:
+            return f"Concept({self.name!r}, unfitted, {len(self.target)} target / {len(self.retain)} retain inputs)"
+        measured = self.calibration
+        figures = f", calibrated TPR {measured['tpr']:.3f} at FPR {measured['fpr']:.3f}" if "tpr" in measured else ""
+        return (f"Concept({self.name!r}, {self.strategy}, {int(self.features.numel())} features, "
+                f"threshold {self.threshold:.4g}{figures})")
 
     @property
     def fitted(self) -> bool:
@@ -69,14 +96,27 @@ class Concept:
         """Pick features on one part of the inputs and calibrate the threshold on the other."""
         if not len(self.target):
             raise ValueError(f"concept {self.name!r} has no target inputs: give examples that show it")
+        if _same_inputs(self.target, self.retain):
+            raise ValueError(f"concept {self.name!r}: its target and retain inputs are the same, so nothing tells "
+                             "the concept apart; retain inputs are ones that must pass")
         fit_t, cal_t = self._split(self.target, self.calibrate_target, salt=1)
         fit_r, cal_r = self._split(self.retain, self.calibrate_retain, salt=2)
-        if not len(cal_r):
-            raise ValueError(f"concept {self.name!r} needs retain inputs to calibrate its threshold against")
+        for side, held_out, given in (("target", cal_t, self.calibrate_target), ("retain", cal_r,
+                                                                                 self.calibrate_retain)):
+            if len(held_out) < MIN_CALIBRATE:
+                how = (f"pass calibrate_{side} with at least {MIN_CALIBRATE} inputs" if given is not None else
+                       f"give at least {math.ceil(MIN_CALIBRATE / self.holdout)} {side} inputs ({self.holdout:.0%} "
+                       f"are held out) or calibrate_{side}=[...]")
+                raise ValueError(f"concept {self.name!r} has {len(held_out)} held-out {side} inputs to calibrate on; "
+                                 f"a threshold needs at least {MIN_CALIBRATE}: {how}")
         target_max = _summaries(encode, fit_t, d_sae)
         retain_max = _summaries(encode, fit_r, d_sae) if len(fit_r) else target_max.new_zeros(0, d_sae)
         picked = STRATEGIES[self.strategy](target_max, retain_max, n_features=self.n_features)
         features, weights = picked if isinstance(picked, tuple) else (picked, None)
+        if not features.numel():
+            raise ValueError(f"concept {self.name!r}: the {self.strategy} strategy chose no feature telling its "
+                             f"{len(fit_t)} target from its {len(fit_r)} retain inputs at this hookpoint; try another "
+                             "strategy, hookpoint or more varied examples")
         self.features = features.cpu().long()
         self.weights = weights.cpu().float() if weights is not None else None
         retain_scores = self.scores(encode, cal_r, d_sae, W_dec)
@@ -91,7 +131,22 @@ class Concept:
             "n_features": int(self.features.numel()), "strategy": self.strategy,
             "readout": "linear" if self.weights is not None else "energy",
         }
+        self._check_calibration()
         return self
+
+    def _check_calibration(self) -> None:
+        tpr, fitted_on = self.calibration["tpr"], (
+            f"strategy {self.strategy!r}, {int(self.features.numel())} features, fitted on "
+            f"{self.calibration['n_fit_target']} target / {self.calibration['n_fit_retain']} retain inputs and "
+            f"calibrated on {self.calibration['n_calibrate_target']} / {self.calibration['n_calibrate_retain']}")
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"concept {self.name!r}: its threshold came out {self.threshold} ({fitted_on})")
+        if tpr == 0:
+            raise ValueError(f"concept {self.name!r} flags none of its held-out target inputs at FPR {self.fpr:g}: it "
+                             f"could never flag ({fitted_on}); give more varied examples or another strategy")
+        if tpr < POOR_TPR:
+            warnings.warn(f"concept {self.name!r} flags only {tpr:.0%} of its held-out target inputs at FPR "
+                          f"{self.fpr:g} ({fitted_on})", PoorConceptWarning, stacklevel=3)
 
     def scores(self, encode: Encoder, inputs: Sequence[Any], d_sae: int, W_dec: Tensor) -> Tensor:
         """Each input's score for this concept."""
@@ -133,8 +188,6 @@ class Concept:
         inputs = list(inputs)
         if explicit is not None:
             return inputs, list(explicit)
-        if len(inputs) < 2:
-            return inputs, inputs
         order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(self.seed * 31 + salt)).tolist()
         n_hold = max(1, int(round(self.holdout * len(inputs))))
         return [inputs[i] for i in order[n_hold:]], [inputs[i] for i in order[:n_hold]]
@@ -143,6 +196,14 @@ class Concept:
     def state(self) -> dict[str, Any]:
         return {"name": self.name, "strategy": self.strategy, "n_features": self.n_features, "fpr": self.fpr,
                 "threshold": self.threshold, "calibration": self.calibration}
+
+
+def _same_inputs(target: Sequence[Any], retain: Sequence[Any]) -> bool:
+    """Whether two input lists hold the same inputs (strings and other hashables; tensors are not compared)."""
+    try:
+        return bool(len(retain)) and set(target) == set(retain)
+    except TypeError:
+        return False
 
 
 def threshold_at_fpr(retain_scores: Tensor, fpr: float) -> float:

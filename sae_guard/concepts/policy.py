@@ -11,6 +11,7 @@ concept can see it, so a high error says "not flagged" means "not known" rather 
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -34,6 +35,7 @@ class Verdict:
     concepts: list[str] = field(default_factory=list)  # the concepts that flagged it
     tokens: dict[str, list[int]] = field(default_factory=dict)  # positions whose energy exceeded the threshold
     error: float | None = None  # largest relative reconstruction error of the SAE over the real tokens
+    windows: int = 1  # how many windows of a text longer than one model call were read (the largest score kept)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +46,10 @@ class ConceptPolicy:
         unfitted = [c.name for c in concepts if not c.fitted]
         if unfitted:
             raise ValueError(f"concepts {unfitted} are not fitted; fit them (guard() does) before gating")
+        broken = [c.name for c in concepts if not math.isfinite(c.threshold)]
+        if broken:
+            raise ValueError(f"concepts {broken} have a NaN or infinite threshold: they would never flag (or always); "
+                             "refit them")
         names = [c.name for c in concepts]
         if len(set(names)) != len(names):
             raise ValueError(f"concept names must be unique, got {names}")
@@ -68,7 +74,9 @@ class ConceptPolicy:
             codes.values.new_zeros(call.n_prompts, 0)  # (B, C)
         fired = torch.stack([f for _, f in per_concept], -1) if per_concept else \
             torch.zeros(codes.values.shape[0], 0, dtype=torch.bool, device=codes.values.device)  # (N, C)
-        flagged = scores > self.thresholds
+        read = torch.zeros(call.n_prompts, dtype=torch.bool, device=scores.device)
+        read[call.prompt_index.to(scores.device)] = True  # an input with no scoring position says nothing: never flagged
+        flagged = (scores > self.thresholds) & read[:, None]
         self._state.verdicts = self._verdicts(scores, flagged, fired, call, self._errors(call))
         token_flags = flagged[call.prompt_index]  # (N, C)
         member_of = self.members.T[codes.indices]  # (N, k, C)

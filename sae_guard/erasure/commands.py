@@ -41,7 +41,27 @@ def _output_folder(path: str, marker: str | None) -> Path:
             raise UsageError(f"--out {out}: exists and is not a folder")
         if any(out.iterdir()) and (marker is None or not (out / marker).is_file()):
             raise UsageError(f"--out {out}: folder is not empty; give a new or empty folder (nothing was written)")
+    try:  # find out now, not after minutes of drawing: outputs are staged beside the folder, then renamed
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}-probe-", dir=out.parent))
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot write there ({error.strerror or error}); give a folder you can write "
+                         "to") from None
     return out
+
+
+MAX_SEED = 2**63 - 1  # torch seeds are signed 64-bit
+
+
+def seed_argument(text: str) -> int:
+    """--seed: an integer torch can seed with (0 to 2**63 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
+    return value
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -230,7 +250,7 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="text-to-image recipe name (e.g. shapes) or path to a .toml")
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line ('-' reads stdin)")
     parser.add_argument("--out", required=True, help="new folder: 0000.png, 0001.png, ... and verdicts.jsonl")
-    parser.add_argument("--seed", type=int, required=True, help="image i is drawn from seed N + i")
+    parser.add_argument("--seed", type=seed_argument, required=True, help="image i is drawn from seed N + i")
     parser.add_argument("--no-guard", action="store_true", help="draw unguarded (verdicts are still recorded)")
     parser.add_argument("--concept", action="append", help="concept to erase (default: the recipe's [guard] list)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the recipe's)")

@@ -16,12 +16,14 @@ after the end token have read the whole prompt. So the latents edited on an inpu
 at its other positions as well, wherever they fire there (ItD replaces the whole prompt for the same reason).
 Those positions are encoded only for inputs that have an edit.
 
+A (batch, d) state (pooled features, a recommender's user representation) is one token per input.
 A (batch, channels, height, width) feature map (a UNet or CNN block) is read as a grid of tokens: each spatial
 position is a token of width `channels`, and the edited map comes back in its own layout.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -34,6 +36,9 @@ from ..sae.codes import SparseCodes, sparse_decode
 from .hookpoints import Hookpoint, hook_hidden
 
 EDIT_MODES = ("deactivate", "clamp", "scale", "steer")
+MAX_STRENGTH = 1e4  # |strength| past this only produces inf/NaN or meaningless states on flagged inputs
+COPY_REFUSED = ("a guarded model cannot be copied or pickled while its gates are attached (the copy would share or "
+                "lose them): call guard.detach() first, copy or save the model, then guard the copy")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,14 @@ class Edit:
     def __post_init__(self) -> None:
         if self.mode not in EDIT_MODES:
             raise ValueError(f"unknown edit mode {self.mode!r}; choose one of {', '.join(EDIT_MODES)}")
+        if not isinstance(self.strength, (int, float)) or isinstance(self.strength, bool):
+            raise TypeError(f"edit strength must be a number, got {self.strength!r}")
+        if not math.isfinite(self.strength) or abs(self.strength) > MAX_STRENGTH:
+            raise ValueError(f"edit strength must be finite and within +-{MAX_STRENGTH:g}, got {self.strength}: past "
+                             "that a flagged input's hidden state turns to inf or NaN in fp16 and is garbage in fp32 "
+                             "(ItD's strongest deactivation is -8)")
+        if self.direction is not None and not bool(torch.isfinite(self.direction).all()):
+            raise ValueError("the steering direction holds NaN or inf")
         if self.mode == "deactivate" and self.strength > 0:
             raise ValueError(f"deactivate needs strength <= 0 (0 zeroes the feature), got {self.strength}")
         if self.mode == "clamp" and self.strength < 0:
@@ -148,6 +161,16 @@ class Gate:
             handle.remove()
         self._handles.clear()
 
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __deepcopy__(self, memo: dict) -> "Gate":
+        raise TypeError(COPY_REFUSED)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(COPY_REFUSED)
+
     def _capture_mask(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._state.mask = self.mask_fn(args, kwargs) if self.mask_fn is not None else kwargs.get("attention_mask")
         return None
@@ -167,8 +190,8 @@ class Gate:
             batch, channels, height, width = hidden.shape
             edited = self.apply(hidden.flatten(2).transpose(1, 2), mask, editing)
             return None if edited is None else edited.transpose(1, 2).reshape(batch, channels, height, width)
-        if hidden.ndim == 2:
-            hidden3 = hidden[None]
+        if hidden.ndim == 2:  # (batch, d): one vector per input (pooled features, a user representation)
+            hidden3 = hidden[:, None]
         elif hidden.ndim == 3:
             hidden3 = hidden
         else:
@@ -193,7 +216,7 @@ class Gate:
         b, t = prompt_index[rows.to(prompt_index.device)], token_index[rows.to(token_index.device)]
         self._edit_rows(out, hidden3, b, t, SparseCodes(codes.values[rows], codes.indices[rows]), chosen[rows])
         self._edit_other_positions(out, hidden3, real, call, codes, chosen)
-        return out if hidden.ndim == 3 else out[0]
+        return out if hidden.ndim == 3 else out[:, 0]
 
     def _states(self, hidden: Tensor, b: Tensor, t: Tensor) -> Tensor:
         """The states at positions (b, t) in fp32 on the SAE's device, refusing NaN and inf."""
@@ -227,7 +250,9 @@ class Gate:
                             SparseCodes(there.values[rows], there.indices[rows]), chosen_there[rows])
 
 
-def _real_tokens(mask: Tensor | None, batch: int, tokens: int, device: torch.device) -> Tensor:
+def _real_tokens(mask: Tensor | Callable | None, batch: int, tokens: int, device: torch.device) -> Tensor:
+    if callable(mask):  # the scoring positions depend on the hidden state's shape (a vision token scope)
+        mask = mask(batch, tokens, device)
     if mask is None:
         return torch.ones(batch, tokens, dtype=torch.bool, device=device)
     mask = torch.as_tensor(mask, device=device)

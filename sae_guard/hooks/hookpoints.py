@@ -104,11 +104,19 @@ def hook_hidden(module: nn.Module, fn: Callable[[Tensor], Tensor | None], *, pre
     `output_hidden_states` see the edit. Remove with `handle.remove()`.
     """
 
-    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-        new = fn(hidden_of(output))
-        return None if new is None else with_hidden(output, new)
+    return module.register_forward_hook(_HiddenHook(fn), prepend=prepend)
 
-    return module.register_forward_hook(hook, prepend=prepend)
+
+class _HiddenHook:
+    """A forward hook that hands `fn` the hidden state. Copying or pickling a model carrying one copies `fn` too,
+    which only `fn`'s owner can allow (a Gate refuses: the copy would share its gates)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor | None]) -> None:
+        self.fn = fn
+
+    def __call__(self, _module: nn.Module, _args: Any, output: Any) -> Any:
+        new = self.fn(hidden_of(output))
+        return None if new is None else with_hidden(output, new)
 
 
 def _module_components(root: Any) -> dict[str, nn.Module]:

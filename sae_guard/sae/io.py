@@ -26,6 +26,7 @@ CONFIG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+SAE_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 class SAEFormatError(ValueError):
@@ -35,6 +36,12 @@ class SAEFormatError(ValueError):
 def save(sae, path: str | os.PathLike) -> Path:
     """Write the SAE to folder `path` atomically: files appear complete or not at all."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SAEFormatError(f"{path} is an existing file; an SAE is saved as a folder. Choose another path (the "
+                             "file is left as it was)")
+    if path.is_dir() and any(p.name not in SAE_FILES for p in path.iterdir()):
+        raise SAEFormatError(f"{path} is a folder holding other files than an SAE's ({', '.join(SAE_FILES)}); saving "
+                             "would replace it whole. Choose an empty or new folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -91,13 +98,16 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None):
     except json.JSONDecodeError as err:
         raise SAEFormatError(f"{cfg_path} is not valid JSON: {err}") from None
 
-    if (path / SAELENS_WEIGHTS).exists():
-        sae = _from_saelens(cfg, _read(path / SAELENS_WEIGHTS))
-    elif (path / WEIGHTS_NAME).exists():
-        weights = _read(path / WEIGHTS_NAME)
-        sae = _from_sparsify(cfg, weights) if "encoder.weight" in weights else _from_sae_guard(cfg, weights)
-    else:
-        raise SAEFormatError(f"{path} has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {SAELENS_WEIGHTS}")
+    try:
+        if (path / SAELENS_WEIGHTS).exists():
+            sae = _from_saelens(cfg, _read(path / SAELENS_WEIGHTS))
+        elif (path / WEIGHTS_NAME).exists():
+            weights = _read(path / WEIGHTS_NAME)
+            sae = _from_sparsify(cfg, weights) if "encoder.weight" in weights else _from_sae_guard(cfg, weights)
+        else:
+            raise SAEFormatError(f"it has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {SAELENS_WEIGHTS}")
+    except SAEFormatError as err:
+        raise SAEFormatError(f"{path}: {err}") from None
     sae.train(False)
     return sae.to(device) if device is not None else sae
 
@@ -111,7 +121,14 @@ def _read(file: Path) -> dict[str, Tensor]:
 
 def _build(architecture: str, fields: dict[str, Any], weights: dict[str, Tensor]):
     cls = get_architecture(architecture)
-    sae = cls(cls.config_class.from_dict({**fields, "architecture": architecture}))
+    missing_fields = [name for name in ("d_in", "d_sae") if name not in fields]
+    if missing_fields:
+        raise SAEFormatError(f"cfg.json has no {' / '.join(repr(n) for n in missing_fields)}: the SAE's sizes are "
+                             "unknown; write them into cfg.json")
+    try:
+        sae = cls(cls.config_class.from_dict({**fields, "architecture": architecture}))
+    except (TypeError, ValueError) as err:
+        raise SAEFormatError(f"cfg.json of a {architecture} SAE does not make a valid config: {err}") from None
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -122,6 +139,11 @@ def _build(architecture: str, fields: dict[str, Any], weights: dict[str, Tensor]
             raise SAEFormatError(
                 f"{architecture} weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
             )
+    broken = [name for name, tensor in weights.items() if tensor.is_floating_point()
+              and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise SAEFormatError(f"{architecture} weights {broken} hold NaN or inf: every score would be NaN and every "
+                             "input would pass a guard; the file is damaged or the training diverged")
     sae.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
     return sae
 

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -151,8 +154,25 @@ def pipeline_dir(assets: str | Path = T2I_ASSETS, cache: str | Path | None = Non
 def load_pipeline(device: str | torch.device = "cpu", assets: str | Path = T2I_ASSETS):
     """The shipped model as a StableDiffusionPipeline on `device` (no safety checker: ShapesWorld draws shapes)."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines import pipeline_utils
 
-    return StableDiffusionPipeline.from_pretrained(pipeline_dir(assets), safety_checker=None).to(device)
+    with _without_text_encoder_type_warning(pipeline_utils.logger):
+        return StableDiffusionPipeline.from_pretrained(pipeline_dir(assets), safety_checker=None).to(device)
+
+
+@contextmanager
+def _without_text_encoder_type_warning(logger: logging.Logger) -> Iterator[None]:
+    """diffusers warns that StableDiffusionPipeline expects a CLIP text encoder; this model is conditioned on BERT
+    (MiniLM) by design. Only that one warning is dropped, only while loading."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Expected types for text_encoder:")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,8 @@ of each global batch and gradients and firing statistics are averaged across pro
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -25,6 +27,16 @@ from tqdm.auto import tqdm
 from ..sae.base import SAE
 from . import checkpoint
 from .data import make_stream
+
+
+DIVERGENCE_FACTOR = 1e3  # a loss this many times the largest of the first steps' means the run has blown up
+REFERENCE_STEPS = 10  # steps whose losses set that reference
+DIVERGED_FVU = 100.0  # past the first steps, a running FVU this high (100 times worse than the data's mean) too
+CHECKPOINTS_PER_RUN = 10  # with a checkpoint_dir and no checkpoint_every, a checkpoint every tenth of the run
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss went non-finite or exploded: the learning rate is too high for this SAE and data."""
 
 
 class TrainResult(NamedTuple):
@@ -83,8 +95,13 @@ def train(
 
     data: an (N, d_in) tensor, an iterable of (n, d_in) chunks, or a `harvest(...)` of a model.
     lr: None picks the variant's default (2e-4 / sqrt(d_sae / 2**14) unless the variant says otherwise).
-    checkpoint_dir: where checkpoints go; a run started with the same directory resumes from it and
-        finishes with the same weights as an uninterrupted run.
+    checkpoint_dir: where checkpoints go (every `checkpoint_every` tokens, by default every tenth of the run, and
+        at the end); a run started with the same directory resumes from it and finishes with the same weights as an
+        uninterrupted run. The checkpoint keeps a fingerprint of the data (its first batch), the SAE's config and
+        the budget (tokens, batch size, lr, seed, schedule); a run that differs in any of them refuses to resume.
+    Raises `TrainingDiverged` when the loss turns non-finite, grows past `DIVERGENCE_FACTOR` times the largest of its
+    first `REFERENCE_STEPS` values, or the running FVU passes `DIVERGED_FVU`: a learning rate too high, said at once
+    rather than returned as weights.
     """
     if tokens <= 0 or batch_size <= 0:
         raise ValueError(f"tokens and batch_size must be positive, got tokens={tokens}, batch_size={batch_size}")
@@ -99,6 +116,8 @@ def train(
     if checkpoint_every and checkpoint_dir is None:
         raise ValueError("checkpoint_every needs a checkpoint_dir to write to")
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if checkpoint_dir is not None and not checkpoint_every:
+        checkpoint_every = max(tokens // CHECKPOINTS_PER_RUN, batch_size)
     checkpoint_steps = max(1, checkpoint_every // batch_size) if checkpoint_every else None
 
     stream = make_stream(data, batch_size, seed)
@@ -108,26 +127,33 @@ def train(
     optimizer = torch.optim.Adam(params, lr=base_lr, betas=betas, **fused)
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     start_step, window = 0, _Window()
+    first = next(stream.iterate(0)).to(device, torch.float32)
+    _check_batch(first, sae, 0)
     run_key = {"architecture": sae.architecture, "tokens": tokens, "batch_size": batch_size, "seed": seed,
-               "world": world}
+               "world": world, "lr": base_lr, "betas": list(betas), "warmup_steps": warmup_steps,
+               "decay_start": decay_start, "config": _config_fingerprint(sae), "data": _data_fingerprint(first)}
 
     if checkpoint.exists(checkpoint_dir):
         tensors, state = checkpoint.read(checkpoint_dir, sae, optimizer)
         if state["run"] != run_key:
-            raise ValueError(f"checkpoint in {checkpoint_dir} is from another run ({state['run']} != {run_key})")
+            differ = sorted(k for k in set(run_key) | set(state["run"]) if state["run"].get(k) != run_key.get(k))
+            raise ValueError(f"the checkpoint in {checkpoint_dir} is from another run (it differs in {', '.join(differ)}): "
+                             "resuming would continue other weights on this run. Use another checkpoint_dir, or "
+                             "delete that one to start over")
         start_step, since_fired = state["step"], tensors["since_fired"].to(device)
         window.values = state["window"]
         torch.set_rng_state(tensors["rng"])
     else:
-        first = next(stream.iterate(0)).to(device, torch.float32)
-        _check_batch(first, sae, 0)
         sae.init_from_data(first)
         _broadcast(sae, world)
+    del first
 
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress or rank != 0, unit="step",
                desc=f"train {sae.architecture}")
     t0, step, step_seconds = time.perf_counter(), start_step, []
+    reference = float(window.values.get("reference_loss", 0.0)) if start_step >= REFERENCE_STEPS else 0.0
+    saved_step = start_step if start_step else None
     batches = stream.iterate(start_step)
     try:
         for step in range(start_step, total_steps):
@@ -144,7 +170,8 @@ def train(
                 terms = {name: coef * fn(out) for name, (coef, fn) in sae.loss_terms().items() if coef}
             loss = sum(terms.values())
             if not _finite_everywhere(loss, world):
-                raise FloatingPointError(f"loss became non-finite at step {step} (on some process); lower the learning rate")
+                raise TrainingDiverged(f"the loss became non-finite at step {step} (on some process) with lr={base_lr:g}; "
+                                       "lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _all_reduce_grads(params, world)
@@ -155,6 +182,13 @@ def train(
             sae.after_optimizer_step(out)
 
             with torch.no_grad():
+                loss_value = loss.item()
+                if step < REFERENCE_STEPS:
+                    reference = max(reference, loss_value)
+                elif loss_value > DIVERGENCE_FACTOR * reference:
+                    raise TrainingDiverged(
+                        f"the loss exploded at step {step}: {loss_value:.3g}, over {DIVERGENCE_FACTOR:g} times the "
+                        f"{reference:.3g} of the first steps, with lr={base_lr:g}; lower the learning rate")
                 fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
                 fired[out.codes.indices[out.codes.values != 0]] = True
                 if world > 1:
@@ -164,21 +198,34 @@ def train(
                 since_fired += batch_size
                 since_fired[fired] = 0
                 window.update(
-                    loss=loss.item(),
+                    loss=loss_value,
                     fvu=terms["fvu"].item() if "fvu" in terms else float("nan"),
                     l0=(out.codes.values != 0).sum(-1).float().mean().item(),
                     dead=(since_fired >= dead_tokens).float().mean().item(),
                 )
+                if step >= REFERENCE_STEPS and window.values["fvu"] > DIVERGED_FVU:
+                    raise TrainingDiverged(
+                        f"the reconstruction diverged by step {step}: running FVU {window.values['fvu']:.3g} (1 is "
+                        f"the error of predicting the mean) with lr={base_lr:g}; lower the learning rate")
             step_seconds.append(time.perf_counter() - step_start)
             bar.update(1)
             if step % 10 == 0 or step == total_steps - 1:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in window.values.items()}, refresh=False)
-            if checkpoint_steps and (step + 1) % checkpoint_steps == 0 and step + 1 < total_steps:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in window.values.items() if k != "reference_loss"},
+                                refresh=False)
+            if step + 1 == REFERENCE_STEPS:
+                window.values["reference_loss"] = reference
+            if checkpoint_steps and ((step + 1) % checkpoint_steps == 0 or step + 1 == total_steps):
                 _save(checkpoint_dir, sae, optimizer, since_fired, step + 1, window, run_key, rank)
+                saved_step = step + 1
     except KeyboardInterrupt:
         if checkpoint_dir is not None:
             # the interrupted step may be half-applied; the last periodic checkpoint stays the resume point
-            bar.write(f"interrupted at step {step}; rerun with checkpoint_dir={checkpoint_dir} to resume")
+            if saved_step:
+                bar.write(f"interrupted at step {step}; rerun with checkpoint_dir={checkpoint_dir} to resume from "
+                          f"step {saved_step}")
+            else:
+                bar.write(f"interrupted at step {step}, before the first checkpoint (due at step {checkpoint_steps}); "
+                          "a rerun starts over")
         raise
     finally:
         bar.close()
@@ -194,10 +241,21 @@ def train(
         "step_seconds_median": float(torch.tensor(step_seconds).median()) if step_seconds else float("nan"),
     }
     figures.pop("dead", None)
+    figures.pop("reference_loss", None)
     sae.cfg.metadata.setdefault("training", {}).update(
         {"tokens": total_steps * batch_size, "batch_size": batch_size, "lr": base_lr, "seed": seed}
     )
     return TrainResult(sae, figures)
+
+
+def _data_fingerprint(first: torch.Tensor) -> str:
+    """The data, as far as a checkpoint can tell cheaply: its first batch (drawn the same on every rerun)."""
+    return hashlib.sha256(first.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def _config_fingerprint(sae: SAE) -> str:
+    config = {k: v for k, v in sae.cfg.to_dict().items() if k != "metadata"}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _check_batch(x: torch.Tensor, sae: SAE, step: int) -> None:

@@ -1,0 +1,42 @@
+"""The models recipes name: `[model] kind` -> a loader returning (model, tokenizer or preprocessing).
+
+A new family adds one entry to `MODEL_KINDS` (its loader imports its heavy libraries inside, when called).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .spec import ModelSpec, Recipe
+
+
+def _load_minilm(spec: "ModelSpec", device: str | torch.device | None) -> tuple[torch.nn.Module, Any]:
+    from ..adapters.minilm import load_minilm
+
+    return load_minilm(device)
+
+
+def _load_shapes_text_encoder(spec: "ModelSpec", device: str | torch.device | None) -> tuple[torch.nn.Module, Any]:
+    """The ShapesWorld pipeline's text encoder (MiniLM, attention-masked, 32 tokens): its SAE's model.
+    Generation loads the whole pipeline (`sae_guard.erasure.loading`)."""
+    from ..shapes.t2i import text_components
+
+    model, tokenizer = text_components()
+    return (model.to(device) if device is not None else model), tokenizer
+
+
+# kind -> loader(spec, device) -> (model, tokenizer). A new family (a diffusers pipeline named by hub id) adds one.
+MODEL_KINDS: dict[str, Callable[["ModelSpec", str | torch.device | None], tuple[Any, Any]]] = {
+    "minilm": _load_minilm,
+    "shapes-t2i": _load_shapes_text_encoder,
+}
+
+
+
+def load_model(recipe: "Recipe", device: str | torch.device | None = None) -> tuple[Any, Any]:
+    """The recipe's model and tokenizer."""
+    return MODEL_KINDS[recipe.model.kind](recipe.model, device)
