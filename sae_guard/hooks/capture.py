@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .hookpoints import Hookpoint, hook_hidden
+from .hookpoints import Hookpoint, hook_site
 
 
 class _StopForward(Exception):
@@ -32,7 +32,7 @@ def capture_hidden(hookpoint: Hookpoint, *args: Any, **kwargs: Any) -> Tensor:
         captured.append(hidden)
         raise _StopForward
 
-    handle = hook_hidden(hookpoint.module, stop, prepend=False)
+    handle = hook_site(hookpoint, stop, prepend=False)
     try:
         with eval_mode(hookpoint.model):
             hookpoint.model(*args, **kwargs)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..sae.base import SAE
 from ..sae.codes import SparseCodes, sparse_decode
-from .hookpoints import Hookpoint, hook_hidden
+from .hookpoints import Hookpoint, hook_site
 
 EDIT_MODES = ("deactivate", "clamp", "scale", "steer")
 MAX_STRENGTH = 1e4  # |strength| past this only produces inf/NaN or meaningless states on flagged inputs
@@ -153,7 +153,7 @@ class Gate:
             return self
         model = self.hookpoint.model
         self._handles.append(model.register_forward_pre_hook(self._capture_mask, with_kwargs=True, prepend=True))
-        self._handles.append(hook_hidden(self.hookpoint.module, self._on_hidden, prepend=True))
+        self._handles.append(hook_site(self.hookpoint, self._on_hidden, prepend=True))
         return self
 
     def detach(self) -> None:

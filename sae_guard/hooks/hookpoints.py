@@ -4,6 +4,10 @@ A hookpoint is a module path as `named_modules()` spells it (`encoder.layers.8`,
 On a diffusers pipeline (or any object holding modules as attributes) the path starts with the
 component: `text_encoder.encoder.layers.8`.
 
+A path ending in `:input` names the module's INPUT (its first positional argument, read and replaced by a
+forward pre-hook) instead of its output: `model.layers.3.self_attn.o_proj:input` is the concatenated per-head
+attention output before the output projection (TransformerLens' `hook_z`, flattened to n_heads * d_head).
+
 transformers 4 and 5 differ in three ways that break naive hooks, and this module absorbs them:
 - paths: v5 `CLIPTextModel` / `CLIPVisionModel` lost the `text_model.` / `vision_model.` level, so
   each spelling is tried with and without it, then as a unique suffix of a module name;
@@ -27,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 # wrapper levels that transformers 5 removed from some models (CLIPTextModel, CLIPVisionModel)
 _WRAPPER_PREFIXES = ("text_model.", "vision_model.")
+INPUT_SUFFIX = ":input"  # `<module path>:input`: the module's first input, not its output
 
 
 class HookpointError(LookupError):
@@ -44,10 +49,14 @@ class Hookpoint:
     module: nn.Module  # the module whose output is read or edited
     model: nn.Module  # what to call to run `module`: the root, or the pipeline component holding it
     component: str | None = None  # the pipeline attribute holding `model`; None for a plain module
+    reads_input: bool = False  # True: the site is `module`'s first input (name ends in ":input"), not its output
 
 
 def find_hookpoint(root: Any, name: str) -> Hookpoint:
     """Resolve `name` on an `nn.Module` or a pipeline; raise `HookpointError` listing near misses."""
+    if name.endswith(INPUT_SUFFIX):
+        point = find_hookpoint(root, name[: -len(INPUT_SUFFIX)])
+        return Hookpoint(point.name + INPUT_SUFFIX, point.module, point.model, point.component, reads_input=True)
     if isinstance(root, nn.Module):
         path = _find_in_module(root, name, type(root).__name__)
         return Hookpoint(path, root.get_submodule(path), root)
@@ -117,6 +126,38 @@ class _HiddenHook:
     def __call__(self, _module: nn.Module, _args: Any, output: Any) -> Any:
         new = self.fn(hidden_of(output))
         return None if new is None else with_hidden(output, new)
+
+
+def hook_site(point: Hookpoint, fn: Callable[[Tensor], Tensor | None], *, prepend: bool = True) -> RemovableHandle:
+    """`hook_hidden` at a hookpoint's site: after its module runs, or before it for an `:input` site."""
+    if not point.reads_input:
+        return hook_hidden(point.module, fn, prepend=prepend)
+
+    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args and isinstance(args[0], Tensor):
+            new = fn(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        key = next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
+        if key is None:
+            raise TypeError(f"{point.name}: the module was called without a tensor input to read")
+        new = fn(kwargs[key])
+        return None if new is None else (args, {**kwargs, key: new})
+
+    return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
+
+
+def split_heads(hidden: Tensor, n_heads: int, where: str = "the hidden state") -> Tensor:
+    """(..., n_heads * d_head) -> (..., n_heads, d_head): an attention-output (`hook_z`) site per head."""
+    width = hidden.shape[-1]
+    if n_heads <= 0 or width % n_heads:
+        raise ValueError(f"{where} has width {width}, which {n_heads} heads do not divide; per-head reading needs "
+                         "width = n_heads * d_head (pass the model's own head count)")
+    return hidden.unflatten(-1, (n_heads, width // n_heads))
+
+
+def merge_heads(per_head: Tensor) -> Tensor:
+    """(..., n_heads, d_head) -> (..., n_heads * d_head), the inverse of `split_heads`."""
+    return per_head.flatten(-2)
 
 
 def _module_components(root: Any) -> dict[str, nn.Module]:

@@ -1,0 +1,216 @@
+"""Causal language models (GPT-2, Llama, Gemma, SmolLM2): hookpoints, token scopes, and guarding `generate()`.
+
+Sites, by block N (transformers module paths):
+    residual(model, N)   the residual stream after block N (the block's output)
+    mlp_out(model, N)    the MLP's output, before it is added back
+    attn_z(model, N)     the heads' concatenated outputs before the output projection, (batch, tokens,
+                         n_heads * d_head): TransformerLens' `hook_z`, read by a pre-hook (`...o_proj:input`);
+                         `split_heads(h, n_heads(model))` views it per head.
+
+`guard_lm(model, sae=..., concepts=[...], tokenizer=...)` attaches the gate so that every forward of the model
+is gated, which is what `generate()` does at prefill and at every cached decode step, greedy or sampled. The
+gate reads the live call: prefill (an empty KV cache) is the PROMPT, each later step the RESPONSE. Which of
+those score and may be edited is the scope ("prompt", "response" or "all"). Special tokens and chat-template
+role headers (`<|im_start|>user\\n`) never score unless `score_boilerplate=True`. Per request, the guard keeps
+two verdicts, one for the prompt and one for the response (Llama Guard's two roles), max-merged over steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..concepts.concept import Concept
+from ..concepts.policy import Verdict, merge_verdicts
+from ..hooks.gate import Edit
+from ..hooks.hookpoints import INPUT_SUFFIX, find_hookpoint
+from .guard import Guard, build_gate
+
+SCOPES = ("prompt", "response", "all")
+
+# (layer list, attention module, its output projection, MLP module) per family, by where the blocks live
+_LAYOUTS = {
+    "transformer.h": ("attn", "c_proj", "mlp"),  # GPT-2
+    "model.layers": ("self_attn", "o_proj", "mlp"),  # Llama, Gemma, Mistral, Qwen, SmolLM2
+}
+
+
+def is_causal_lm(model: Any) -> bool:
+    """A transformers model with a generation head and one of the known block layouts."""
+    return isinstance(model, nn.Module) and hasattr(model, "generate") and _layers_path(model) is not None
+
+
+def _layers_path(model: nn.Module) -> str | None:
+    for path in _LAYOUTS:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return path
+    return None
+
+
+def _block(model: nn.Module, layer: int) -> tuple[str, tuple[str, str, str]]:
+    path = _layers_path(model)
+    if path is None:
+        raise ValueError(f"{type(model).__name__} is not a causal LM with a known block layout "
+                         f"({', '.join(_LAYOUTS)}); pass a module path as the hookpoint")
+    n = len(model.get_submodule(path))
+    if not isinstance(layer, int) or not -n <= layer < n:
+        raise ValueError(f"layer {layer!r} is out of range: {type(model).__name__} has {n} blocks (0..{n - 1})")
+    return f"{path}.{layer % n}", _LAYOUTS[path]
+
+
+def residual(model: nn.Module, layer: int) -> str:
+    """The residual stream after block `layer`."""
+    return _block(model, layer)[0]
+
+
+def mlp_out(model: nn.Module, layer: int) -> str:
+    """The MLP output of block `layer`."""
+    block, (_, _, mlp) = _block(model, layer)
+    return f"{block}.{mlp}"
+
+
+def attn_z(model: nn.Module, layer: int) -> str:
+    """The concatenated head outputs of block `layer`, before the output projection (`hook_z`)."""
+    block, (attn, proj, _) = _block(model, layer)
+    return f"{block}.{attn}.{proj}{INPUT_SUFFIX}"
+
+
+def n_heads(model: nn.Module) -> int:
+    config = model.config
+    return int(getattr(config, "num_attention_heads", None) or config.n_head)
+
+
+def default_hookpoint(model: nn.Module) -> str:
+    """The residual stream two-thirds of the way up, as for text encoders."""
+    path = _layers_path(model)
+    n = len(model.get_submodule(path)) if path else 0
+    return residual(model, (2 * n) // 3)
+
+
+# ------------------------------------------------------------------------------------------ which tokens score
+class TokenScope:
+    """The gate's real-token reader for a causal LM: attention mask, the scope's phase, no boilerplate."""
+
+    def __init__(self, tokenizer: Any, scope: str = "all", score_boilerplate: bool = False) -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        self.tokenizer, self.scope, self.score_boilerplate = tokenizer, scope, score_boilerplate
+        self.phase = "prompt"
+        self._special: Tensor | None = None
+        self._newline: Tensor | None = None
+
+    def _vocab_sets(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._special is None:
+            tok = self.tokenizer
+            self._special = torch.tensor(sorted(set(tok.all_special_ids or [])), dtype=torch.long)
+            texts = tok.convert_ids_to_tokens(list(range(len(tok))))
+            # byte-level BPE spells "\n" as "Ċ"; sentencepiece as "<0x0A>" or "\n"
+            self._newline = torch.tensor([i for i, t in enumerate(texts) if t and ("\n" in t or "Ċ" in t
+                                                                                   or t == "<0x0A>")], dtype=torch.long)
+        return self._special.to(device), self._newline.to(device)
+
+    HEADER_SPAN = 4  # a role header (`user`, `assistant`, its newline) is at most this many tokens
+
+    def boilerplate(self, ids: Tensor) -> Tensor:
+        """Special tokens, and each role header: the tokens after a special token up to a newline within
+        HEADER_SPAN tokens (`<|im_start|>` `user` `\n`); no newline that close: only the special token."""
+        special, newline = self._vocab_sets(ids.device)
+        out = torch.isin(ids, special)
+        if ids.shape[1] == 1:
+            return out
+        is_newline = torch.isin(ids, newline) & ~out
+        for row, col in out.nonzero().tolist():
+            ahead = is_newline[row, col + 1 : col + 1 + self.HEADER_SPAN].nonzero()
+            if len(ahead):
+                out[row, col + 1 : col + 2 + int(ahead[0])] = True
+        return out
+
+    def __call__(self, args: tuple, kwargs: dict) -> Tensor | None:
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        past = kwargs.get("past_key_values")
+        cached = past is not None and (past.get_seq_length() if hasattr(past, "get_seq_length") else len(past)) > 0
+        self.phase = "response" if cached else "prompt"
+        if ids is None:  # inputs_embeds: no token ids to read boilerplate from
+            attention = kwargs.get("attention_mask")
+            return None if attention is None else attention.bool()
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        attention = kwargs.get("attention_mask")
+        if attention is not None:
+            mask &= attention[:, -ids.shape[1]:].bool()
+        if not self.score_boilerplate and self.tokenizer is not None:
+            mask &= ~self.boilerplate(ids)
+        if self.scope not in ("all", self.phase):
+            mask[:] = False
+        return mask
+
+
+# ------------------------------------------------------------------------------------------ per-request verdicts
+@dataclass
+class RequestVerdict:
+    """One request's verdicts in Llama Guard's two roles."""
+
+    prompt: Verdict | None
+    response: Verdict | None
+
+    def text(self, role: str = "response") -> str:
+        """Llama Guard's text form: `safe`, or `unsafe` and the flagged concepts on the next line."""
+        verdict = getattr(self, role)
+        if verdict is None or not verdict.flagged:
+            return "safe"
+        return "unsafe\n" + ",".join(verdict.concepts)
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt and self.prompt.to_dict(), "response": self.response and self.response.to_dict()}
+
+
+class LMGuard(Guard):
+    """A guarded causal LM. `request_verdicts` holds the last request's prompt and response verdicts per row."""
+
+    def __init__(self, target: Any, gate, policy, tokenizer: Any, scope: TokenScope) -> None:
+        super().__init__(target, [gate], [policy], [tokenizer])
+        self.scope = scope
+        self._policy = policy
+        self._verdicts: dict[str, list[Verdict] | None] = {"prompt": None, "response": None}
+        decide = gate.decide
+
+        def record(call):
+            chosen = decide(call)
+            phase = scope.phase
+            if phase == "prompt":  # a new request starts at its prefill
+                self._verdicts = {"prompt": None, "response": None}
+            new = list(policy.last_verdicts)
+            previous = self._verdicts[phase]
+            self._verdicts[phase] = new if previous is None or len(previous) != len(new) \
+                else merge_verdicts([previous, new])
+            return chosen
+
+        gate.decide = record
+
+    @property
+    def request_verdicts(self) -> list[RequestVerdict]:
+        prompt, response = self._verdicts["prompt"], self._verdicts["response"]
+        n = len(prompt or response or [])
+        return [RequestVerdict(prompt[i] if prompt else None, response[i] if response else None) for i in range(n)]
+
+
+def guard_lm(model: nn.Module, sae, concepts: Sequence[Concept], tokenizer: Any, hookpoint: str | None = None,
+             scope: str = "all", score_boilerplate: bool = False, edit: Edit | None = None,
+             mode: str = "deactivate", strength: float = 0.0, batch_size: int = 32) -> LMGuard:
+    """Attach `sae` at `hookpoint` of the causal LM `model`; gated in every forward, `generate()` included."""
+    if not is_causal_lm(model):
+        raise TypeError(f"guard_lm needs a transformers causal LM (GPT-2, Llama, Gemma), got {type(model).__name__}")
+    if not concepts:
+        raise ValueError("guard_lm() needs at least one concept")
+    token_scope = TokenScope(tokenizer, scope, score_boilerplate)
+    name = hookpoint or sae.cfg.metadata.get("hookpoint") or default_hookpoint(model)
+    point = find_hookpoint(model, name)
+    gate, policy = build_gate(point, sae, concepts, tokenizer, edit or Edit(mode, strength), batch_size)
+    gate.mask_fn = token_scope
+    return LMGuard(model, gate, policy, tokenizer, token_scope)
