@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hooks.gate import Edit
-from ..hooks.hookpoints import find_module, hook_hidden
+from ..hooks.hookpoints import find_hookpoint, hook_site
 from ..sae import SAE
 
 # Strength per tier as a share of the residual norm. Chosen before measuring (the paper's values are not
@@ -75,9 +75,8 @@ def random_direction(d: int, seed: int = 0) -> Tensor:
 
 @contextmanager
 def add_to_hidden(model: nn.Module, module_name: str, vector: Tensor) -> Iterator[None]:
-    """Add `vector` to the hidden state `module_name` outputs, at every position, while the block runs."""
-    module = find_module(model, module_name)
-    handle = hook_hidden(module, lambda hidden: hidden + vector.to(hidden))
+    """Add `vector` to the hidden state at hookpoint `module_name` (any site, ':input' too), at every position."""
+    handle = hook_site(find_hookpoint(model, module_name), lambda hidden: hidden + vector.to(hidden))
     try:
         yield
     finally:
