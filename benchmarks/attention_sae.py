@@ -20,7 +20,7 @@ import torch
 from sae_guard import SAE, harvest, train
 from sae_guard.adapters.lm import attn_z, n_heads
 from sae_guard.adapters.smollm2 import load_smollm2
-from sae_guard.analysis.attention_heads import head_report, share_multi_family
+from sae_guard.analysis.attention_heads import head_report, head_shares, share_multi_family
 from sae_guard.hooks.hookpoints import find_hookpoint, hook_site
 
 COCO = "/work/shared/data/prompts/coco_30k.csv"
@@ -87,6 +87,9 @@ def main() -> None:
         report = head_report(sae.W_dec, heads, codes, contexts[:len(codes)] if len(contexts) == len(codes) else None)
         alive = (codes > 0).any(0)
         owned = sum(len(h.features) for h in report)
+        best = head_shares(sae.W_dec, heads).amax(-1)[alive]
+        print(f"largest head share per live feature: median {float(best.median()):.2f}, "
+              f">= 0.5 for {float((best >= 0.5).float().mean()):.0%}, >= 0.8 for {float((best >= 0.8).float().mean()):.0%}")
         print(f"heads {heads}; features owned by one head (share >= 0.8, top 8 shown per head): {owned}; "
               f"live features on held-out: {int(alive.sum())}/{args.d_sae}; "
               f"heads with >= 2 families: {share_multi_family(report):.0%}")
