@@ -237,3 +237,14 @@ def test_train_writes_into_the_cache_unless_told_and_never_into_the_package(tmp_
     assert f"assets written to {expected}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", str(recipe), "--data", str(data), "--out", str(tmp_path / "x"), "--into-package"])
+
+
+def test_import_and_help_do_not_load_torch():
+    import subprocess
+    import sys
+
+    check = ("import sys; import sae_guard; from sae_guard.cli import build_parser; build_parser(); "
+             "heavy = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; "
+             "assert not heavy, heavy; from sae_guard import SAE, guard; assert 'torch' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -261,11 +261,14 @@ def run_generate(args: argparse.Namespace) -> int:
     """Write one PNG per prompt line, in order, and one verdict per line, into a new folder (atomically)."""
     from .methods import Gate, draw
 
-    _set_threads(args)
     out = _output_folder(args.out, None)
     prompts = read_prompt_lines(args.prompts)
     if not prompts:
         raise UsageError(f"--prompts {args.prompts}: no lines")
+    if args.seed + len(prompts) - 1 > MAX_SEED:
+        raise UsageError(f"--seed {args.seed}: image {len(prompts) - 1} would need seed {args.seed + len(prompts) - 1}, "
+                         "past 2**63 - 1")
+    _set_threads(args)
     t2i = _load(args.recipe, args.assets)
     concepts = _concepts(t2i, args.concept)
     settings = _settings(t2i.settings, args.steps)
