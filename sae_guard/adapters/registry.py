@@ -11,6 +11,7 @@ from typing import Any
 from .base import Adapter
 
 FAMILIES: list[str] = [
+    "sae_guard.adapters.lm:LMAdapter",  # causal LMs (GPT-2, Llama, Gemma layouts): chats, generate-time scopes
     "sae_guard.adapters.text:TextAdapter",  # transformers text models: the fallback for anything with a tokenizer
 ]
 

@@ -81,3 +81,19 @@ def fvu(x: Tensor, x_hat: Tensor) -> float:
     x_hat = x_hat.reshape(-1, x_hat.shape[-1]).double()
     total = x.pow(2).sum(-1).mean() - x.mean(0).pow(2).sum()
     return ((x - x_hat).pow(2).sum(-1).mean() / total).item()
+
+
+def ce_loss_recovered(clean: float, spliced: float, ablated: float) -> float:
+    """Share of the loss gap between zero-ablating a site and leaving it clean that the SAE closes:
+    1 = the SAE's reconstruction loses nothing, 0 = as bad as zeroing the site (SAELens' definition)."""
+    gap = ablated - clean
+    if abs(gap) < 1e-12:
+        return float("nan")
+    return (ablated - spliced) / gap
+
+
+def kl_divergence(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
+    """Per-position KL(clean || other) of next-token distributions, in nats (last dimension: the vocabulary)."""
+    clean_logp = torch.log_softmax(clean_logits.float(), -1)
+    other_logp = torch.log_softmax(other_logits.float(), -1)
+    return (clean_logp.exp() * (clean_logp - other_logp)).sum(-1)
