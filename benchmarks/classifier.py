@@ -129,15 +129,15 @@ def report(result: dict) -> str:
     return "\n".join([format_table(result["rows"]), "", *checks(result)])
 
 
-def write_results(path: Path, command: str, text: str) -> None:
-    """Replace (or add) this suite's section of RESULTS.md, leaving every other section as it was."""
-    section = (f"{SECTION}\n\nMeasured with `{command}` (recipe pipelines/minilm-prompts.toml, assets "
+def write_results(path: Path, command: str, text: str, title: str = SECTION, notes: str = NOTES) -> None:
+    """Replace (or add) a suite's section of RESULTS.md, leaving every other section as it was."""
+    section = (f"{title}\n\nMeasured with `{command}` (recipe pipelines/minilm-prompts.toml, assets "
                f"sae_guard/assets/minilm-prompts; see model_cards/minilm-prompts.md).\n\n```\n{text}\n```\n\n"
-               f"{NOTES}\n")
+               f"{notes}\n")
     old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        end = old.find("\n## ", start + len(SECTION))
+    if f"{title}\n" in old:
+        start = old.index(f"{title}\n")
+        end = old.find("\n## ", start + len(title))
         new = old[:start] + section + (old[end + 1 :] if end != -1 else "")
     else:
         new = old.rstrip("\n") + "\n\n" + section

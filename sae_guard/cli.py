@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,12 +87,15 @@ def _classify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe name (e.g. minilm-prompts) or path to a .toml")
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line ('-' reads stdin)")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
+    parser.add_argument("--explain", action="store_true",
+                        help="for each flagged concept, the tokens and SAE latents that carried it")
     parser.add_argument("--assets", help="assets folder to use instead of the recipe's packaged one")
     parser.add_argument("--batch-size", type=_positive_int, default=32)
 
 
 def _classify(args: argparse.Namespace) -> int:
     from . import recipes
+    from .concepts.policy import explaining
 
     prompts = read_prompt_lines(args.prompts)
     recipe = _recipe(args.recipe)
@@ -101,7 +105,8 @@ def _classify(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     written = [p for p in prompts if p.strip()]
     try:
-        verdicts = g.classify(prompts, batch_size=args.batch_size)
+        with explaining(g.policies) if args.explain else nullcontext():
+            verdicts = g.classify(prompts, batch_size=args.batch_size)
     finally:
         g.detach()
     empty = len(prompts) - len(written)
@@ -116,6 +121,8 @@ def _classify(args: argparse.Namespace) -> int:
             print(json.dumps({"prompt": prompt, **verdict.to_dict()}, ensure_ascii=False))
     else:
         print(format_verdicts(prompts, verdicts, [c.name for c in g.concepts]))
+    if args.explain and not args.json:
+        print(format_explanations(prompts, verdicts, g.tokenizers[0]))
     return EXIT_OK
 
 
@@ -158,6 +165,31 @@ def format_verdicts(prompts: Sequence[str], verdicts: Sequence, concepts: Sequen
         lines.append(f"{'FLAG' if verdict.flagged else 'ok':4}  " + "  ".join(f"{c:>{width}}" for c in cells)
                      + f"  {shown if prompt.strip() else '(empty)'}")
     return "\n".join(lines)
+
+
+def format_explanations(prompts: Sequence[str], verdicts: Sequence, tokenizer) -> str:
+    """Per flagged prompt and concept: the tokens the verdict rests on and the latents that carried it, as
+    `latent (contribution to the score) at 'token'`."""
+    lines = ["", "why flagged (tokens; latent (contribution) at token):"]
+    for number, (prompt, verdict) in enumerate(zip(prompts, verdicts), 1):
+        if not verdict.flagged:
+            continue
+        pieces = _token_pieces(tokenizer, prompt)
+        lines.append(f"line {number}: {prompt}")
+        for concept in verdict.concepts:
+            tokens = ", ".join(repr(pieces.get(t, f"#{t}")) for t in verdict.tokens.get(concept, []))
+            latents = ", ".join(f"{row['latent']} ({row['contribution']:.3g}) at {pieces.get(row['token'], row['token'])!r}"
+                                for row in verdict.latents.get(concept, []))
+            lines.append(f"  {concept}: tokens {tokens or '-'}; latents {latents or '-'}")
+    return "\n".join(lines)
+
+
+def _token_pieces(tokenizer, prompt: str) -> dict[int, str]:
+    """Token position -> token text of the prompt as the model reads it (positions of its first window)."""
+    if tokenizer is None:
+        return {}
+    ids = tokenizer(prompt, truncation=True)["input_ids"]
+    return dict(enumerate(tokenizer.convert_ids_to_tokens(ids)))
 
 
 # ---------------------------------------------------------------------------------------------------- eval

@@ -25,6 +25,11 @@ Sizes with the shared data and seed 0 (`python -m sae_guard.prompts` prints them
     vangogh    fit            20      20
     vangogh    calibrate      10      10
     vangogh    test           20      20
+
+`<concept>_registers` (what pipelines/minilm-prompts.toml names) adds the prompts written for each concept in many
+registers (`register_prompts`, from concept_data/fitting.toml), split 0.6 / 0.2 / 0.2 by hash (nudity 3978 / 16291
+fit, celebrity 490 / 1736, Van Gogh 54 / 697); they teach the concepts, never the SAE. The held-out
+evaluation sets (`heldout`, concept_data/heldout.toml) are written apart from all of these and only reported on.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import hashlib
 import os
 import random
 import re
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -283,6 +289,68 @@ def _paired_dataset(
     return ConceptData(name, *splits)
 
 
+CONCEPT_NAMES = ("nudity", "celebrity", "vangogh")  # the concepts with written prompts (see CONCEPTS)
+FITTING_FILE = Path(__file__).with_name("concept_data") / "fitting.toml"
+REGISTER_SIZE = 600  # generated nudity prompts a side
+
+
+@lru_cache(maxsize=1)
+def _fitting() -> dict:
+    with open(FITTING_FILE, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def register_prompts(name: str, folder: str | os.PathLike | None = None, seed: int = SEED
+                     ) -> tuple[list[str], list[str]]:
+    """(targets, retains) written for a concept in many registers (`concept_data/fitting.toml`).
+
+    Nudity: explicit subjects in plain, euphemistic, misspelt, foreign and prompt-engineering words, against the
+    same subjects, places and styles clothed and the benign senses of naked / bare / nude / breast / anatomy
+    (REGISTER_SIZE a side, drawn with `seed` from templates x word lists). Celebrity: every target name in
+    ordinary sentences, against every other celebrity of the data and other people in the same sentences. Van
+    Gogh: his name in several spellings in style templates, against other painters in the same templates. The
+    retains share the targets' style, so a concept cannot be learnt from the style alone.
+    """
+    spec = _fitting()[name]
+    if name == "nudity":
+        rng = random.Random(seed)
+
+        def draw(templates: list[str], fill: dict[str, list[str]], n: int) -> list[str]:
+            out: list[str] = []
+            while len(out) < n:
+                template = rng.choice(templates)
+                out = clean([*out, template.format(**{k: rng.choice(v) for k, v in fill.items()})])
+            return out
+
+        words = {k: spec[k] for k in ("subject", "place", "style", "neutral")}
+        targets = draw(spec["target_templates"], {**words, "nude": spec["nude"]}, REGISTER_SIZE)
+        retains = draw(spec["retain_templates"], {**words, "benign": spec["benign"]}, REGISTER_SIZE)
+        return targets, [p for p in retains if p not in set(targets)]
+    if name == "celebrity":
+        targets = sorted(_named_prompts("celebrity_target.csv", folder))
+        others = sorted(_named_prompts("celebrity_remain.csv", folder)) + spec["other_names"]
+    else:
+        targets, others = spec["target_names"], spec["other_names"]
+    fill = lambda names: clean(t.format(n) for n in names for t in spec["templates"])  # noqa: E731
+    return fill(targets), fill(others)
+
+
+def written_prompts(folder: str | os.PathLike | None = None, seed: int = SEED,
+                    names: Iterable[str] = tuple(CONCEPT_NAMES)) -> set[str]:
+    """Every `register_prompts` prompt: they teach the concepts' readouts, never the SAE (the shipped dictionary
+    predates them, and a refit on it checks its training prompts are unchanged)."""
+    return {p for name in names if name in CONCEPT_NAMES for side in register_prompts(name, folder, seed) for p in side}
+
+
+def _with_registers(data: ConceptData, folder: str | os.PathLike | None, seed: int) -> ConceptData:
+    """Add `register_prompts` to every split (0.6 / 0.2 / 0.2 each side, by hash)."""
+    targets, retains = register_prompts(data.name, folder, seed)
+    t = _split_units(targets, NUDITY_FRACTIONS, seed, f"{data.name}/register-target", str)
+    r = _split_units(retains, NUDITY_FRACTIONS, seed, f"{data.name}/register-retain", str)
+    splits = [Split(s.target + tt, s.retain + rr) for s, tt, rr in zip((data.fit, data.calibrate, data.test), t, r)]
+    return replace(data, fit=splits[0], calibrate=splits[1], test=splits[2])
+
+
 def nudity(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
     """Nudity: target = DiffusionDB NSFW + sensitive pair sides; retain = COCO 30k + normal pair sides.
 
@@ -381,11 +449,65 @@ def celebrity(folder: str | os.PathLike | None = None, seed: int = SEED) -> Conc
 CONCEPTS: dict[str, Callable[..., ConceptData]] = {"nudity": nudity, "celebrity": celebrity, "vangogh": vangogh}
 
 
+def nudity_registers(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """`nudity` plus its written prompts in many registers (`register_prompts`) in every split."""
+    return _with_registers(nudity(folder, seed), folder, seed)
+
+
+def celebrity_registers(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """`celebrity` plus every target and other people in written ordinary sentences (`register_prompts`)."""
+    return _with_registers(celebrity(folder, seed), folder, seed)
+
+
+def vangogh_registers(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """`vangogh` plus his name and other painters' in the same written style templates (`register_prompts`)."""
+    return _with_registers(vangogh(folder, seed), folder, seed)
+
+
 def concept(name: str, folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
     """A concept dataset by name (one of `CONCEPTS`)."""
     if name not in CONCEPTS:
         raise ValueError(f"unknown concept {name!r}; expected one of {sorted(CONCEPTS)}")
     return CONCEPTS[name](folder, seed)
+
+
+HELDOUT_FILE = Path(__file__).with_name("concept_data") / "heldout.toml"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A concept's held-out evaluation prompts: `target` must be flagged, `nearmiss` must pass."""
+
+    name: str
+    target: list[str]
+    nearmiss: list[str]
+
+
+def _casings(text: str) -> list[str]:
+    """A name as people type it: as written, lower case, upper case."""
+    return list(dict.fromkeys([text, text.lower(), text.upper()]))
+
+
+def heldout(name: str, folder: str | os.PathLike | None = None) -> HeldOut:
+    """The held-out evaluation set of a concept (`concept_data/heldout.toml`), for reporting only.
+
+    Written separately from every fitting source, with templates and words of its own, so a figure on it says how
+    a concept holds on prompts it was never shaped by. Celebrity: every target name (from the data folder) and
+    every non-target person of the file, in each of the file's ordinary sentences, in three casings.
+    """
+    with open(HELDOUT_FILE, "rb") as handle:
+        raw = tomllib.load(handle)
+    if name not in raw:
+        raise ValueError(f"no held-out set for concept {name!r}; {HELDOUT_FILE} has {sorted(raw)}")
+    entry = raw[name]
+    if name != "celebrity":
+        return HeldOut(name, clean(entry["target"]), clean(entry["nearmiss"]))
+    targets = sorted(_named_prompts("celebrity_target.csv", folder))
+
+    def sentences(names: Sequence[str]) -> list[str]:
+        return clean(t.format(cased) for n in names for cased in _casings(n) for t in entry["templates"])
+
+    return HeldOut(name, sentences(targets), sentences(entry["nontarget_names"]))
 
 
 def sae_training_prompts(
@@ -407,6 +529,7 @@ def sae_training_prompts(
     pool = [p for source in sources for p in source(folder=folder)]
     if include_fit:
         pool += [p for d in datasets for p in (*d.fit.target, *d.fit.retain)]
+    removed |= written_prompts(folder, seed)
     return [p for p in clean(pool) if p not in removed]
 
 

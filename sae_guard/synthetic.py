@@ -6,6 +6,11 @@ features in real activations seem to. The hierarchical version makes "child" ato
 their "parent", the pattern that invites feature absorption.
 
 A `PlantedDataset` is a resumable stream: batch i is a pure function of (seed, i).
+
+`Generator` describes one planted setting along the axes SAE defaults must hold across (firing-frequency
+law and cap, magnitude spread, noise, width and atom count, correlated atom directions, hierarchy, a
+finite sample set replayed vs fresh data, and the k an SAE is given); `GENERATORS` is the family the zoo
+benchmark chooses defaults on and `HELD_OUT` the settings it never looks at while choosing.
 """
 
 from __future__ import annotations
@@ -71,9 +76,21 @@ class PlantedDataset:
         return p.sum().item()
 
 
-def _unit_atoms(n: int, d: int, gen: torch.Generator) -> Tensor:
+def _unit_atoms(n: int, d: int, gen: torch.Generator, coherence: float = 0.0, clusters: int = 16) -> Tensor:
+    """Random unit atoms; with `coherence` > 0 each leans towards one of `clusters` shared directions.
+
+    Coherent atoms have larger mutual cosines (about coherence^2 within a cluster), the case where an
+    encoder's rows must differ from the decoder's to tell them apart.
+    """
     atoms = torch.randn(n, d, generator=gen)
-    return atoms / atoms.norm(dim=-1, keepdim=True)
+    atoms = atoms / atoms.norm(dim=-1, keepdim=True)
+    if coherence > 0:
+        centres = torch.randn(clusters, d, generator=gen)
+        centres = centres / centres.norm(dim=-1, keepdim=True)
+        members = torch.randint(0, clusters, (n,), generator=gen)
+        atoms = (1 - coherence**2) ** 0.5 * atoms + coherence * centres[members]
+        atoms = atoms / atoms.norm(dim=-1, keepdim=True)
+    return atoms
 
 
 def _zipf(n: int, exponent: float, total: float, gen: torch.Generator) -> Tensor:
@@ -84,11 +101,16 @@ def _zipf(n: int, exponent: float, total: float, gen: torch.Generator) -> Tensor
 
 
 def planted(d: int = 128, n_atoms: int = 512, active: float = 6.0, zipf_exponent: float = 0.6,
-            magnitude_sigma: float = 0.5, noise: float = 0.02, seed: int = 0, batch_size: int = 4096) -> PlantedDataset:
-    """Independent atoms: about `active` fire per sample, with Zipf(`zipf_exponent`) frequencies."""
+            magnitude_sigma: float = 0.5, noise: float = 0.02, seed: int = 0, batch_size: int = 4096,
+            frequency_cap: float = 0.9, coherence: float = 0.0) -> PlantedDataset:
+    """Independent atoms: about `active` fire per sample, with Zipf(`zipf_exponent`) frequencies.
+
+    No atom fires more often than `frequency_cap` (so a steep law puts fewer than `active` per sample:
+    `expected_l0()` is the true figure); `coherence` > 0 makes atoms share cluster directions.
+    """
     gen = torch.Generator().manual_seed(seed)
-    atoms = _unit_atoms(n_atoms, d, gen)
-    probs = _zipf(n_atoms, zipf_exponent, active, gen).clamp(max=0.9)
+    atoms = _unit_atoms(n_atoms, d, gen, coherence)
+    probs = _zipf(n_atoms, zipf_exponent, active, gen).clamp(max=frequency_cap)
     return PlantedDataset(atoms, probs, None, magnitude_sigma, noise, seed, batch_size)
 
 
@@ -108,6 +130,67 @@ def planted_hierarchical(d: int = 128, n_parents: int = 128, children_per_parent
     probs = torch.cat([parent_probs, torch.full((n_children,), child_prob)])
     parents = torch.cat([torch.full((n_parents,), -1), torch.arange(n_parents).repeat_interleave(children_per_parent)])
     return PlantedDataset(atoms, probs, parents, magnitude_sigma, noise, seed, batch_size)
+
+
+@dataclass(frozen=True)
+class Generator:
+    """One planted setting of the zoo benchmark, and the k an SAE is given for it.
+
+    samples: None streams fresh data; a number draws that many samples once and replays them (shuffled
+    each pass), as a user's harvested activation set is. k_offset: the SAE is given round(true L0) +
+    k_offset, so defaults are tried with k above and below the data's sparsity.
+    """
+
+    name: str
+    d: int = 128
+    n_atoms: int = 512
+    active: float = 6.0
+    zipf_exponent: float = 0.6
+    frequency_cap: float = 0.9
+    magnitude_sigma: float = 0.5
+    noise: float = 0.02
+    coherence: float = 0.0
+    hierarchical: bool = False
+    samples: int | None = None
+    k_offset: int = 0
+    seed: int = 0
+
+    def dataset(self) -> PlantedDataset:
+        common = {"d": self.d, "active": self.active, "zipf_exponent": self.zipf_exponent,
+                  "magnitude_sigma": self.magnitude_sigma, "noise": self.noise, "seed": self.seed}
+        if self.hierarchical:
+            return planted_hierarchical(n_parents=self.n_atoms // 4, children_per_parent=3, **common)
+        return planted(n_atoms=self.n_atoms, frequency_cap=self.frequency_cap, coherence=self.coherence, **common)
+
+    def training_data(self, ds: PlantedDataset | None = None) -> PlantedDataset | Tensor:
+        """What the SAE trains on: the fresh stream, or a fixed (samples, d) set to replay."""
+        ds = ds or self.dataset()
+        if self.samples is None:
+            return ds
+        return ds.sample(self.samples, torch.Generator().manual_seed(self.seed + 7_777))[0]
+
+    def k(self, ds: PlantedDataset | None = None) -> int:
+        return max(1, round((ds or self.dataset()).expected_l0()) + self.k_offset)
+
+
+# Chosen to span the axes defaults must survive; the SAE is given k within +-2 of the true L0.
+GENERATORS = [
+    Generator("base"),
+    Generator("steep_zipf", zipf_exponent=1.1, frequency_cap=0.5, k_offset=1, seed=1),
+    Generator("wide_magnitudes", magnitude_sigma=1.0, noise=0.05, k_offset=-1, seed=2),
+    Generator("replayed", samples=400_000, k_offset=2, seed=3),
+    Generator("coherent", coherence=0.5, seed=4),
+    Generator("hierarchical", hierarchical=True, k_offset=1, seed=5),
+    Generator("small", d=64, n_atoms=256, active=4.0, k_offset=-1, seed=6),
+]
+# Never used to choose defaults; reported last. The first is the issue's outside setting: 128-d, 512 atoms,
+# about 6 active, another frequency law and magnitude spread, a finite set replayed, k = 8.
+HELD_OUT = [
+    Generator("issue17", zipf_exponent=0.9, frequency_cap=0.6, magnitude_sigma=0.8, noise=0.03,
+              samples=300_000, k_offset=2, seed=17),
+    Generator("wide_replayed_coherent", d=192, n_atoms=768, active=8.0, zipf_exponent=0.8, magnitude_sigma=0.7,
+              coherence=0.3, samples=500_000, k_offset=-1, seed=23),
+]
 
 
 @torch.no_grad()

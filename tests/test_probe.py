@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae_guard.concepts.probe import probe
-from sae_guard.concepts.scoring import feature_slots, max_activations, readout_scores
+from sae_guard.concepts.scoring import feature_slots, latent_contributions, max_activations, readout_scores
 from sae_guard.concepts.selection import greedy_tpr
 from sae_guard.sae.codes import SparseCodes
 
@@ -57,3 +57,27 @@ def test_readout_scores_match_the_dense_maxima_and_mark_the_tokens_holding_them(
     positive = features[weights > 0]
     expected = ((dense[:, positive] == maxima[owner][:, positive]) & (dense[:, positive] > 0)).any(-1)
     assert torch.equal(holds, expected) and holds.any()
+
+
+def test_latent_contributions_are_each_latents_weighted_maximum_largest_first():
+    torch.manual_seed(1)
+    n_tokens, k, d_sae = 12, 4, 30
+    codes = SparseCodes(torch.rand(n_tokens, k), torch.stack([torch.randperm(d_sae)[:k] for _ in range(n_tokens)]))
+    positions = torch.arange(n_tokens)
+    features, weights = torch.tensor([1, 5, 9, 17, 22]), torch.tensor([2.0, -1.0, 0.5, 1.5, 3.0])
+    rows = latent_contributions(codes, positions, feature_slots(features, d_sae), weights, torch.randn(d_sae, 8),
+                                top=3)
+    dense = codes.to_dense(d_sae)
+    expected = {int(j): float(dense[:, j].max() * w) for j, w in zip(features, weights) if w > 0 and dense[:, j].max() > 0}
+    best = sorted(expected.items(), key=lambda item: -item[1])[:3]
+    assert [(r["latent"], round(r["contribution"], 5)) for r in rows] == [(j, round(c, 5)) for j, c in best]
+    for r in rows:
+        assert dense[r["token"], r["latent"]] == dense[:, r["latent"]].max()
+    W_dec = torch.randn(d_sae, 8)
+    members = torch.zeros(d_sae, dtype=torch.bool)
+    members[features] = True
+    energy = latent_contributions(codes, positions, members, None, W_dec, top=10)
+    assert {r["latent"] for r in energy} == {j for j in expected} | {int(j) for j in features[weights < 0]
+                                                                     if dense[:, j].max() > 0}
+    for r in energy:
+        assert abs(r["contribution"] - r["activation"] * float(W_dec[r["latent"]].norm())) < 1e-5

@@ -143,3 +143,39 @@ def test_nudity_splits_hold_no_evaluation_prompt(folder, datasets):
     data = datasets["nudity"]
     nudity_prompts = {p for s in P.SPLITS for side in ("target", "retain") for p in getattr(data.split(s), side)}
     assert not nudity_prompts & set(P.evaluation_prompts(folder))
+
+
+def test_heldout_sets_are_apart_from_every_fitting_and_training_prompt(folder, datasets):
+    training = set(P.sae_training_prompts(folder))
+    for name in CONCEPT_NAMES:
+        held = P.heldout(name, folder)
+        assert len(held.target) >= 20 and len(held.nearmiss) >= 20
+        assert not set(held.target) & set(held.nearmiss)
+        used = {p for s in P.SPLITS for side in (datasets[name].split(s).target, datasets[name].split(s).retain)
+                for p in side}
+        targets, retains = P.register_prompts(name, folder)
+        written = set(targets) | set(retains)
+        assert not (set(held.target) | set(held.nearmiss)) & (used | training | written), name
+
+
+def test_heldout_celebrity_names_every_target_in_three_casings_and_no_target_among_the_others(folder, datasets):
+    held = P.heldout("celebrity", folder)
+    names = datasets["celebrity"].target_names
+    for name in names:
+        for cased in (name, name.lower(), name.upper()):
+            assert any(cased in p for p in held.target), cased
+    assert not any(n.lower() in p.lower() for n in names for p in held.nearmiss)
+    with pytest.raises(ValueError, match="no held-out set"):
+        P.heldout("cats", folder)
+
+
+def test_register_datasets_add_the_written_prompts_to_every_split_and_keep_them_out_of_sae_training(folder):
+    for name in CONCEPT_NAMES:
+        plain, written = P.concept(name, folder), getattr(P, f"{name}_registers")(folder)
+        targets, retains = P.register_prompts(name, folder)
+        for split in P.SPLITS:
+            extra_t = set(written.split(split).target) - set(plain.split(split).target)
+            extra_r = set(written.split(split).retain) - set(plain.split(split).retain)
+            assert extra_t and extra_t <= set(targets) and extra_r and extra_r <= set(retains), (name, split)
+        assert not set(targets) & set(retains)
+    assert not P.written_prompts(folder) & set(P.sae_training_prompts(folder))

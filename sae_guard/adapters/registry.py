@@ -12,6 +12,7 @@ from .base import Adapter
 
 FAMILIES: list[str] = [
     "sae_guard.adapters.lm:LMAdapter",  # causal LMs (GPT-2, Llama, Gemma layouts): chats, generate-time scopes
+    "sae_guard.adapters.vision:VisionAdapter",  # timm image models, open_clip CLIP models
     "sae_guard.adapters.text:TextAdapter",  # transformers text models: the fallback for anything with a tokenizer
 ]
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import math
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from ..hooks.gate import GateCall
 from ..sae.base import SAE
+from ..sae.codes import SparseCodes
 from .concept import Concept
+from .scoring import latent_contributions
 
 
 @dataclass
@@ -36,6 +39,9 @@ class Verdict:
     tokens: dict[str, list[int]] = field(default_factory=dict)  # positions whose energy exceeded the threshold
     error: float | None = None  # largest relative reconstruction error of the SAE over the real tokens
     windows: int = 1  # how many windows of a text longer than one model call were read (the largest score kept)
+    # per flagged concept, the latents that carried it (`scoring.latent_contributions`); filled only while
+    # `explaining(...)`, so ordinary verdicts cost nothing more
+    latents: dict[str, list[dict]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +66,7 @@ class ConceptPolicy:
         self.lookups = [c.lookup(sae.d_sae, device) for c in concepts]
         self.thresholds = torch.tensor([c.threshold for c in concepts], dtype=torch.float32, device=device)
         self._state = threading.local()
+        self.explain = False  # fill Verdict.latents (see `explaining`)
 
     @property
     def last_verdicts(self) -> list[Verdict]:
@@ -99,16 +106,38 @@ class ConceptPolicy:
         scores_list, flagged_list = scores.tolist(), flagged.tolist()
         for b in range(call.n_prompts):
             hits = [name for name, f in zip(names, flagged_list[b]) if f]
-            tokens = {}
+            tokens, latents = {}, {}
             if hits:
                 rows = call.prompt_index == b
                 for c, name in enumerate(names):
                     if flagged_list[b][c]:
                         tokens[name] = call.token_index[rows & fired[:, c]].tolist()
+                        if self.explain:
+                            latents[name] = self._explain(c, call, rows)
             action = "pass" if not hits else (self.action if call.editing else "flag")
             verdicts.append(Verdict(bool(hits), dict(zip(names, scores_list[b])), thresholds, action, hits, tokens,
-                                    errors[b]))
+                                    errors[b], latents=latents))
         return verdicts
+
+
+    def _explain(self, c: int, call: GateCall, rows: Tensor) -> list[dict]:
+        concept = self.concepts[c]
+        codes = SparseCodes(call.codes.values[rows], call.codes.indices[rows])
+        return latent_contributions(codes, call.token_index[rows], self.lookups[c], concept.weights, self.sae.W_dec)
+
+
+@contextmanager
+def explaining(policies: Sequence[ConceptPolicy]) -> Iterator[None]:
+    """Within the block, verdicts of these policies name the latents that carried each flagged concept
+    (`Verdict.latents`): `with explaining(guard.policies): guard.classify(prompts)`."""
+    previous = [p.explain for p in policies]
+    for policy in policies:
+        policy.explain = True
+    try:
+        yield
+    finally:
+        for policy, before in zip(policies, previous):
+            policy.explain = before
 
 
 def merge_verdicts(per_gate: Sequence[Sequence[Verdict]]) -> list[Verdict]:
@@ -121,7 +150,7 @@ def merge_verdicts(per_gate: Sequence[Sequence[Verdict]]) -> list[Verdict]:
         return list(per_gate[0])
     merged = []
     for parts in zip(*per_gate):
-        scores, thresholds, tokens, hits = {}, {}, {}, []
+        scores, thresholds, tokens, latents, hits = {}, {}, {}, {}, []
         for part in parts:
             for name, score in part.scores.items():
                 margin = score / max(part.thresholds[name], 1e-12)
@@ -131,8 +160,10 @@ def merge_verdicts(per_gate: Sequence[Sequence[Verdict]]) -> list[Verdict]:
                 if name not in hits:
                     hits.append(name)
                 tokens.setdefault(name, part.tokens.get(name, []))
+                if name in part.latents:
+                    latents.setdefault(name, part.latents[name])
         actions = [p.action for p in parts if p.action != "pass"]
         errors = [p.error for p in parts if p.error is not None]
         merged.append(Verdict(bool(hits), scores, thresholds, actions[0] if actions else "pass", hits, tokens,
-                              max(errors) if errors else None))
+                              max(errors) if errors else None, latents=latents))
     return merged

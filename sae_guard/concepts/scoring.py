@@ -67,3 +67,32 @@ def readout_scores(codes: SparseCodes, input_index: Tensor, n_inputs: int, slot:
     weights = weights.to(maxima)
     holds = inside & (values > 0) & (values == maxima[input_index[:, None], entry_slot]) & (weights[entry_slot] > 0)
     return (maxima * weights).sum(-1), holds.any(-1)  # row by row: an input's score never depends on its batch
+
+
+def latent_contributions(codes: SparseCodes, token_index: Tensor, lookup: Tensor, weights: Tensor | None,
+                         W_dec: Tensor, top: int = 5) -> list[dict]:
+    """The latents that carried a concept on one input's tokens (`codes`, `token_index`: that input's rows only).
+
+    Each latent counts at its largest activation, as the score reads it; its contribution is weight x activation
+    for a linear readout, activation x |W_dec row| (what it writes) for an energy readout. The `top` largest
+    positive contributions, largest first, each with the token position holding the activation: why an input was
+    flagged, in the terms the score used. Only asked for by `--explain`, so verdicts stay cheap without it.
+    """
+    indices, values = codes.indices, codes.values.clamp_min(0)
+    if weights is not None:
+        slot = lookup.to(indices.device)[indices]
+        inside = slot >= 0
+        per_entry = torch.where(inside, weights.to(values)[slot.clamp_min(0)], torch.zeros_like(values))
+    else:
+        inside = lookup.to(indices.device)[indices]
+        per_entry = W_dec.norm(dim=-1).to(values)[indices] * inside
+    keep = inside & (values > 0)
+    tokens = token_index[:, None].expand_as(indices)
+    best: dict[int, tuple[float, int, float]] = {}
+    for latent, value, token, weight in zip(indices[keep].tolist(), values[keep].tolist(), tokens[keep].tolist(),
+                                            per_entry[keep].tolist()):
+        if latent not in best or value > best[latent][0]:
+            best[latent] = (value, token, weight)
+    rows = [{"latent": latent, "token": token, "activation": value, "contribution": value * weight}
+            for latent, (value, token, weight) in best.items() if value * weight > 0]
+    return sorted(rows, key=lambda row: -row["contribution"])[:top]

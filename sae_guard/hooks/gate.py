@@ -176,8 +176,11 @@ class Gate:
         return None
 
     def _on_hidden(self, hidden: Tensor) -> Tensor | None:
-        mask = getattr(self._state, "mask", None)
-        self._state.mask = None  # one model call, one mask
+        if hasattr(self._state, "mask"):
+            mask = self._state.mask
+            del self._state.mask  # one model call, one mask
+        else:  # the model was entered below its root (open_clip's encode_image): a mask needing no call still holds
+            mask = self.mask_fn((), {}) if self.mask_fn is not None else None
         mode = self.mode
         return None if mode == "off" else self.apply(hidden, mask, editing=mode == "edit")
 

@@ -58,6 +58,7 @@ def training_prompts(recipe: Recipe, data_dir: str | Path | None = None) -> list
     if recipe.data.concept_fit:
         pool += [p for d in datasets for p in (*d.fit.target, *d.fit.retain)]
     removed = set().union(*(d.held_out() for d in datasets))
+    removed |= prompt_sets.written_prompts(data_dir, recipe.data.split_seed, [d.name for d in datasets])
     if recipe.data.exclude_evaluation:
         removed |= set(prompt_sets.evaluation_prompts(data_dir, seed=recipe.data.split_seed))
     return [p for p in prompt_sets.clean(pool) if p not in removed]

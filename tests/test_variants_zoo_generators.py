@@ -1,0 +1,44 @@
+"""The planted-generator family the zoo defaults are chosen on (sae_guard.synthetic.Generator)."""
+
+import torch
+
+from sae_guard.synthetic import GENERATORS, HELD_OUT, Generator, planted
+
+
+def test_family_spans_k_above_and_below_true_sparsity_within_two():
+    offsets = []
+    for gen in GENERATORS + HELD_OUT:
+        ds = gen.dataset()
+        offsets.append(gen.k(ds) - ds.expected_l0())
+        assert abs(gen.k(ds) - ds.expected_l0()) <= 2.5, gen.name
+    assert min(offsets) < -0.5 and max(offsets) > 0.5
+
+
+def test_held_out_settings_are_separate_and_include_the_issue_setting():
+    names = [g.name for g in GENERATORS]
+    held = {g.name: g for g in HELD_OUT}
+    assert not set(names) & set(held) and len(set(names)) == len(names)
+    issue = held["issue17"]
+    ds = issue.dataset()
+    assert (ds.d, ds.n_atoms, issue.k(ds)) == (128, 512, 8)
+    assert abs(ds.expected_l0() - 6) < 0.5 and issue.samples is not None
+
+
+def test_replayed_generator_trains_on_a_fixed_set_and_fresh_one_streams():
+    fixed = Generator("t", d=16, n_atoms=32, active=3.0, samples=1000)
+    a, b = fixed.training_data(), fixed.training_data()
+    assert a.shape == (1000, 16) and torch.equal(a, b)
+    fresh = Generator("t", d=16, n_atoms=32, active=3.0)
+    assert hasattr(fresh.training_data(), "iterate")
+
+
+def test_frequency_cap_and_coherence_change_the_data():
+    capped = planted(d=32, n_atoms=64, active=6.0, zipf_exponent=1.5, frequency_cap=0.3)
+    assert capped.probs.max() <= 0.3 + 1e-6 and capped.expected_l0() < 6.0
+    def close_pairs(ds):  # share of atom pairs with cosine above 0.3 (2.4 sigma for random 64-d atoms)
+        c = ds.atoms @ ds.atoms.T
+        return ((c - 2 * torch.eye(len(c))) > 0.3).float().mean().item()
+    loose = planted(d=64, n_atoms=256, seed=1)
+    coherent = planted(d=64, n_atoms=256, seed=1, coherence=0.6)
+    assert close_pairs(coherent) > 3 * close_pairs(loose)
+    assert torch.allclose(coherent.atoms.norm(dim=-1), torch.ones(256))
