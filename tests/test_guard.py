@@ -9,7 +9,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import sae_guard
 from sae_guard import SAE, Concept, guard
 from sae_guard.concepts import load_concepts, save_concepts
-from sae_guard.hooks.hookpoints import HookpointError, find_module
+from sae_guard.hooks.hookpoints import HookpointError, find_hookpoint, find_module
 
 ANIMALS = ["dog", "cat", "horse", "lion", "tiger", "bird", "fish", "cow", "sheep", "goat", "duck", "bear"]
 PLACES = ["in a field", "at the beach", "on a hill", "in the snow", "near a river", "in a city street",
@@ -114,14 +114,21 @@ def test_both_transformers_path_forms_resolve(clip, clip_tokenizer, sae):
 def test_fp16_model_is_guarded_in_fp32(clip, clip_tokenizer, sae):
     half = CLIPTextModel(clip.config).eval()
     half.load_state_dict(clip.state_dict())
-    half = half.to(torch.bfloat16)
+    half = half.to(torch.float16)
     fitted = concept()
     guard(clip, sae=sae, concepts=[fitted], hookpoint=HOOK, tokenizer=clip_tokenizer).detach()  # fitted in fp32
+    ids = encode(clip_tokenizer, TARGET[:4])
+    states = sae_guard.hooks.capture.capture_hidden(find_hookpoint(half, HOOK), input_ids=ids)
     with guard(half, sae=sae, concepts=[fitted], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
         with torch.no_grad():
-            out = half(input_ids=encode(clip_tokenizer, [TARGET[0]])).last_hidden_state
-        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-        assert g.last_verdicts[0].flagged
+            out = half(input_ids=ids).last_hidden_state
+        assert out.dtype == torch.float16 and torch.isfinite(out).all()
+        mask = g.gates[0].mask_fn((ids,), {})
+        b, _ = mask.nonzero(as_tuple=True)
+        codes = sae.encode_sparse(states[mask].float())  # the fp16 states, encoded in fp32
+        expected = fitted.score_codes(codes, b, len(ids), sae.W_dec)[0]
+        assert [v.scores["zebra"] for v in g.last_verdicts] == pytest.approx(expected.tolist())
+        assert [v.flagged for v in g.last_verdicts] == (expected > fitted.threshold).tolist()
 
 
 def test_edit_modes(clip, clip_tokenizer, sae):
