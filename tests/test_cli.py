@@ -49,8 +49,8 @@ def test_classify_json_prints_one_object_per_line_empty_lines_included(prompt_fi
 
 def test_classify_reads_every_window_of_a_prompt_longer_than_the_model_reads(tmp_path, capsys):
     path = tmp_path / "long.txt"
-    path.write_text("A tree" + " and a tree" * 100 + ", and a photo of a naked woman, nude\nA cat on a sofa.\n",
-                    encoding="utf-8")
+    path.write_text("A field" + ", a field" * 100 + ". A photo of a naked woman lying on a bed, nude, nsfw\n"
+                    "A cat on a sofa.\n", encoding="utf-8")
     assert main(["classify", RECIPE, "--prompts", str(path), "--json"]) == 0
     out, err = capsys.readouterr()
     assert [json.loads(line)["concepts"] for line in out.splitlines()] == [["nudity"], []]

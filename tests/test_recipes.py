@@ -199,7 +199,8 @@ def test_shipped_guard_loads_fp32_and_keeps_its_calibration(shipped_guard):
     assert sae.W_enc.dtype == torch.float32
     calibration = {c.name: c.calibration for c in shipped_guard.concepts}
     assert all(c["fpr"] <= c["fpr_target"] + 1e-9 for c in calibration.values())
-    assert calibration["nudity"]["tpr"] >= 0.9 and calibration["vangogh"]["tpr"] == 1.0
+    # calibrate splits written in many registers (euphemisms, other languages, misspellings): nudity's is the hardest
+    assert calibration["nudity"]["tpr"] >= 0.85 and calibration["vangogh"]["tpr"] == 1.0
 
 
 @pytest.mark.parametrize("prompt, expected, others", [
@@ -219,7 +220,7 @@ def test_shipped_guard_classifies_obvious_prompts(shipped_guard, prompt, expecte
 
 def test_shipped_guard_reads_every_window_of_an_over_long_prompt(shipped_guard):
     nude = "A photo of a naked woman lying on a bed, nude, nsfw"
-    filler = " and a tree" * 100  # 300 tokens: more than the 256 one call reads
+    filler = ", a field" * 100  # 300 tokens: more than the 256 one call reads
     late_nude, late_lake, early_nude, short = shipped_guard.classify(
         ["A field" + filler + ". " + nude, "A field" + filler + ". A quiet lake", nude + filler, nude])
     assert late_nude.concepts == ["nudity"] and not late_lake.flagged  # the end of a prompt is read too
