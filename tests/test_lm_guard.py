@@ -267,3 +267,15 @@ def test_hook_z_sae_of_the_wrong_width_is_refused(word_tokenizer):
     assert model(**batch).logits.isfinite().all()
     with pytest.raises(ValueError, match="5 heads do not divide"):
         split_heads(torch.zeros(1, 2, 48), 5)
+
+
+def test_guard_picks_the_lm_family_and_returns_its_handle(word_tokenizer):
+    from sae_guard import guard
+
+    model = tiny("llama", len(word_tokenizer))
+    site = lm.residual(model, 1)
+    width = capture_hidden(find_hookpoint(model, site), **prompt_batch(word_tokenizer, ["the"])).shape[-1]
+    sae = SAE.create("topk", d_in=width, d_sae=64, k=4)
+    concept = Concept("zebra", features=torch.arange(64), threshold=1e30)
+    with guard(model, sae=sae, concepts=[concept], tokenizer=word_tokenizer, hookpoint=site, scope="prompt") as g:
+        assert isinstance(g, lm.LMGuard) and g.adapters[0].name == "lm" and g.scope is g.adapters[0].scope

@@ -91,6 +91,13 @@ class Adapter:
     def describe(self) -> str:
         return self.name
 
+    def make_guard(self, target: Any, gates: list, policies: list) -> Any:
+        """The handle `guard()` returns for this family (a family with more to report, such as an LM's per-request
+        prompt and response verdicts, returns its own `Guard` subclass)."""
+        from .guard import Guard  # noqa: PLC0415  (guard.py builds on this module)
+
+        return Guard(target, gates, policies, [self] * len(gates))
+
 
 def device_of(model: nn.Module) -> torch.device:
     try:

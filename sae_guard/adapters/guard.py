@@ -157,7 +157,7 @@ def guard(target: Any, sae: SAE, concepts: Sequence[Concept], hookpoint: str | N
     check_recorded_hookpoint(target, point, sae, allow_other_hookpoint)
     edit = edit or Edit(mode, strength)
     gate, policy = build_gate(point, sae, concepts, adapter, edit, batch_size)
-    return Guard(target, [gate], [policy], [adapter])
+    return adapter.make_guard(target, [gate], [policy])
 
 
 def check_sae(sae: Any) -> None:

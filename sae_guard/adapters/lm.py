@@ -26,10 +26,9 @@ from torch import Tensor, nn
 
 from ..concepts.concept import Concept
 from ..concepts.policy import Verdict, merge_verdicts
-from ..hooks.gate import Edit
 from ..hooks.hookpoints import INPUT_SUFFIX, find_hookpoint
 from .base import ModelCall
-from .guard import Guard, build_gate, check_recorded_hookpoint, check_sae
+from .guard import Guard, guard
 from .text import TextAdapter
 
 SCOPES = ("prompt", "response", "all")
@@ -287,23 +286,19 @@ class LMAdapter(TextAdapter):
     def positions(self, model: nn.Module) -> TokenScope:
         return self.scope
 
+    def make_guard(self, target: Any, gates: list, policies: list) -> "LMGuard":
+        return LMGuard(target, gates[0], policies[0], self, self.scope)
+
 
 def guard_lm(model: nn.Module, sae, concepts: Sequence[Concept], tokenizer: Any, hookpoint: str | None = None,
-             scope: str = "all", score_boilerplate: bool = False, edit: Edit | None = None,
-             mode: str = "deactivate", strength: float = 0.0, batch_size: int = 32,
-             allow_other_hookpoint: bool = False) -> LMGuard:
-    """Attach `sae` at `hookpoint` of the causal LM `model`; gated in every forward, `generate()` included."""
+             scope: str = "all", score_boilerplate: bool = False, **options: Any) -> LMGuard:
+    """`guard()` on a causal LM, said explicitly: every forward is gated, `generate()` included. The same as
+    `guard(model, sae=..., concepts=..., tokenizer=..., scope=...)`, which picks this family by itself."""
     if not is_causal_lm(model):
         raise TypeError(f"guard_lm needs a transformers causal LM (GPT-2, Llama, Gemma), got {type(model).__name__}")
-    check_sae(sae)
-    if not concepts:
-        raise ValueError("guard_lm() needs at least one concept")
     adapter = LMAdapter(model, tokenizer, scope=scope, score_boilerplate=score_boilerplate)
-    name = hookpoint or sae.cfg.metadata.get("hookpoint") or default_hookpoint(model)
-    point = find_hookpoint(model, name)
-    check_recorded_hookpoint(model, point, sae, allow_other_hookpoint)
-    gate, policy = build_gate(point, sae, concepts, adapter, edit or Edit(mode, strength), batch_size)
-    return LMGuard(model, gate, policy, adapter, adapter.scope)
+    return guard(model, sae=sae, concepts=concepts, hookpoint=hookpoint, tokenizer=tokenizer, adapter=adapter,
+                 **options)
 
 
 # ------------------------------------------------------------------------------------------ the SAE spliced in
