@@ -63,10 +63,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     t0 = time.time()
-    model, tok = load_smollm2()
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    model, tok = load_smollm2()  # left-padded for batched generation
     point = f"model.layers.{args.layer}"
 
     provocative, clean = split_prompts(PROVOCATIVE_STARTS), split_prompts(CLEAN_STARTS)

@@ -62,10 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
-    model, tok = load_smollm2()
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    model, tok = load_smollm2()  # left-padded for batched generation
     point = f"model.layers.{args.layer}"
     train_chats = chats(model, tok, args.train_chats, 0, args.reply_tokens)
     test_chats = chats(model, tok, args.test_chats, 5000, args.reply_tokens)

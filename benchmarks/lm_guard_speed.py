@@ -46,8 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, tokenizer = load_smollm2(device)
-    tokenizer.padding_side = "left"
+    model, tokenizer = load_smollm2(device)  # left-padded for batched generation
     torch.manual_seed(0)
     sae = SAE.create("topk", d_in=model.config.hidden_size, d_sae=args.d_sae, k=32).to(device)
     concept = Concept("probe", features=torch.arange(32), threshold=1e30)

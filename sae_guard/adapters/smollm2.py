@@ -84,7 +84,9 @@ def convert(force: bool = False) -> Path:
 
 
 def load_smollm2(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for SmolLM2-135M-Instruct in eval mode, converting the GGUF file on first use."""
+    """(model, tokenizer) for SmolLM2-135M-Instruct in eval mode, converting the GGUF file on first use.
+
+    The tokenizer pads on the left with EOS, as a decoder-only model's batched `generate()` needs."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     folder = convert()
@@ -92,4 +94,5 @@ def load_smollm2(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
     return model, tokenizer
