@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .world import COLOURS, SHAPES, ShapesWorld, to_tensor
 
@@ -90,6 +90,29 @@ def load_vit(directory: str | Path = VIT_DIR):
     return build_vit(directory / "model.safetensors").eval()
 
 
+def _fit(model: nn.Module, n: int, batch_loss, *, epochs: int, batch_size: int, lr: float, log, name: str) -> None:
+    """AdamW with warm-up and cosine decay over shuffled mini-batches of `n` examples; `batch_loss(indices)` gives
+    a batch's loss. Both ShapesWorld vision models train this way; the model is left in eval mode."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps_per_epoch = n // batch_size
+    schedule = _warmup_cosine(optimiser, epochs * steps_per_epoch)
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(n)
+        total = 0.0
+        for i in range(steps_per_epoch):
+            loss = batch_loss(order[i * batch_size:(i + 1) * batch_size])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += loss.item()
+        log(f"{name} epoch {epoch + 1}/{epochs} loss {total / steps_per_epoch:.4f} "
+            f"({time.perf_counter() - started:.0f}s)")
+    model.eval()
+
+
 def train_vit(out: str | Path, *, n_train: int = 12000, epochs: int = 12, batch_size: int = 128, lr: float = 2e-3,
               seed: int = 0, log=print) -> dict:
     """Train the ViT on presence labels and save it (safetensors + config.json); returns held-out metrics."""
@@ -98,25 +121,9 @@ def train_vit(out: str | Path, *, n_train: int = 12000, epochs: int = 12, batch_
     images, labels, _ = ShapesWorld().sample(n_train, seed=TRAIN_SEED)
     x, y = to_tensor(images), presence(labels)
     model = build_vit()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * (len(x) // batch_size)
-    schedule = _warmup_cosine(optimiser, steps)
     started = time.perf_counter()
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x))
-        total = 0.0
-        for i in range(len(x) // batch_size):
-            batch = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.binary_cross_entropy_with_logits(model(_augment(x[batch])), y[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += loss.item()
-        log(f"vit epoch {epoch + 1}/{epochs} loss {total / (len(x) // batch_size):.4f} "
-            f"({time.perf_counter() - started:.0f}s)")
-    model.eval()
+    _fit(model, len(x), lambda batch: F.binary_cross_entropy_with_logits(model(_augment(x[batch])), y[batch]),
+         epochs=epochs, batch_size=batch_size, lr=lr, log=log, name="vit")
     metrics = vit_accuracy(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,31 +200,17 @@ def train_clip(out: str | Path, *, n_train: int = 6000, epochs: int = 14, batch_
     tokenizer = open_clip.get_tokenizer(CLIP_NAME)
     images, _, captions = ShapesWorld().sample(n_train, seed=TRAIN_SEED)
     x, tokens = to_tensor(images), tokenizer(captions)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * (len(x) // batch_size)
-    schedule = _warmup_cosine(optimiser, steps)
+    def contrastive(batch: Tensor) -> Tensor:
+        image_features, text_features, scale = model(_augment(x[batch]), tokens[batch])
+        logits = scale * image_features @ text_features.T
+        # Captions repeat within a batch (36 colour-shape pairs); rows with the same caption are all positives.
+        same = (tokens[batch][:, None, :] == tokens[batch][None, :, :]).all(-1).float()
+        targets = same / same.sum(1, keepdim=True)
+        return 0.5 * (torch.sum(-targets * logits.log_softmax(1), 1).mean()
+                      + torch.sum(-targets * logits.T.log_softmax(1), 1).mean())
+
     started = time.perf_counter()
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x))
-        total = 0.0
-        for i in range(len(x) // batch_size):
-            batch = order[i * batch_size:(i + 1) * batch_size]
-            image_features, text_features, scale = model(_augment(x[batch]), tokens[batch])
-            logits = scale * image_features @ text_features.T
-            # Captions repeat within a batch (36 colour-shape pairs); rows with the same caption are all positives.
-            same = (tokens[batch][:, None, :] == tokens[batch][None, :, :]).all(-1).float()
-            targets = same / same.sum(1, keepdim=True)
-            loss = 0.5 * (torch.sum(-targets * logits.log_softmax(1), 1).mean()
-                          + torch.sum(-targets * logits.T.log_softmax(1), 1).mean())
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += loss.item()
-        log(f"clip epoch {epoch + 1}/{epochs} loss {total / (len(x) // batch_size):.4f} "
-            f"({time.perf_counter() - started:.0f}s)")
-    model.eval()
+    _fit(model, len(x), contrastive, epochs=epochs, batch_size=batch_size, lr=lr, log=log, name="clip")
     metrics = zero_shot_accuracy(model, tokenizer)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     (out / "training.json").write_text(json.dumps({
