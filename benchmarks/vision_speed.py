@@ -15,14 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from sae_guard import SAE, Concept, guard
-from sae_guard.adapters.vision import VisionAdapter
-from sae_guard.hooks.capture import capture_hidden
-from sae_guard.hooks.hookpoints import find_hookpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gate_speed import timed  # noqa: E402  (the text gate's benchmark: the same timing loop)
+
+from sae_guard import SAE, Concept, guard  # noqa: E402
+from sae_guard.adapters.vision import VisionAdapter  # noqa: E402
+from sae_guard.hooks.capture import capture_hidden  # noqa: E402
+from sae_guard.hooks.hookpoints import find_hookpoint  # noqa: E402
 
 
 def photo(red: bool, seed: int, size: int = 224):
@@ -58,15 +63,6 @@ def timed_guard(model: torch.nn.Module, hookpoint: str):
     sae = SAE.create("topk", d_in=width, d_sae=16 * width, k=32).eval()
     concept = Concept("never", features=torch.arange(8), threshold=1e30)
     return guard(model, sae=sae, concepts=[concept], hookpoint=hookpoint)
-
-
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def measure(name: str, model, hookpoint: str, batches: list[int], repeats: int) -> list[dict]:

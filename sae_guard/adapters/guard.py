@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..concepts.concept import Concept
 from ..concepts.policy import ConceptPolicy, Verdict, merge_verdicts
 from ..hooks.capture import capture_hidden
-from ..hooks.gate import Edit, Gate
+from ..hooks.gate import Edit, Gate, scoring_positions
 from ..hooks.hookpoints import Hookpoint, find_hookpoint
 from ..sae.base import SAE
 from ..sae.codes import SparseCodes
@@ -227,7 +227,7 @@ class InputEncoder:
             hidden = hidden[:, None]
         positions = self.adapter.positions(self.point.model)
         scoring = positions(call.args, call.kwargs) if positions is not None else None
-        real = scoring_mask(scoring, hidden)
+        real = scoring_positions(scoring, hidden.shape[0], hidden.shape[1], hidden.device)
         return hidden, real, call.owners.to(hidden.device)
 
     @torch.no_grad()
@@ -244,14 +244,3 @@ class InputEncoder:
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
         return SparseCodes(torch.cat([pad(v) for v in values]), torch.cat([pad(i) for i in indices])), \
             torch.cat(owners), len(inputs)
-
-
-def scoring_mask(scoring: Any, hidden: Tensor) -> Tensor:
-    """The (batch, tokens) scoring mask of `hidden` from an adapter's answer (a mask, a function of the shape,
-    or None for every position)."""
-    batch, tokens = hidden.shape[:2]
-    if callable(scoring):
-        scoring = scoring(batch, tokens, hidden.device)
-    if scoring is None:
-        return torch.ones(batch, tokens, dtype=torch.bool, device=hidden.device)
-    return scoring.to(hidden.device).bool()[:, -tokens:]

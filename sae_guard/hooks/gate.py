@@ -205,7 +205,7 @@ class Gate:
             raise ValueError(
                 f"SAE width d_in={self.sae.d_in} does not match the hidden size {width} at {self.hookpoint.name}"
             )
-        real = _real_tokens(mask, batch, tokens, hidden3.device)
+        real = scoring_positions(mask, batch, tokens, hidden3.device)
         prompt_index, token_index = real.nonzero(as_tuple=True)
         states = self._states(hidden3, prompt_index, token_index)
         codes = self.sae.encode_sparse(states)
@@ -253,7 +253,8 @@ class Gate:
                             SparseCodes(there.values[rows], there.indices[rows]), chosen_there[rows])
 
 
-def _real_tokens(mask: Tensor | Callable | None, batch: int, tokens: int, device: torch.device) -> Tensor:
+def scoring_positions(mask: Tensor | Callable | None, batch: int, tokens: int, device: torch.device) -> Tensor:
+    """(batch, tokens) bool: the positions that score, from what a mask function answered for the call."""
     if callable(mask):  # the scoring positions depend on the hidden state's shape (a vision token scope)
         mask = mask(batch, tokens, device)
     if mask is None:
