@@ -142,8 +142,10 @@ def train(
                              "delete that one to start over")
         start_step, since_fired = state["step"], tensors["since_fired"].to(device)
         window.values = state["window"]
+        reference = state.get("reference_loss", 0.0)  # the divergence check's yardstick, set in the first steps
         torch.set_rng_state(tensors["rng"])
     else:
+        reference = 0.0
         sae.init_from_data(first)
         _broadcast(sae, world)
     del first
@@ -152,7 +154,6 @@ def train(
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress or rank != 0, unit="step",
                desc=f"train {sae.architecture}")
     t0, step, step_seconds = time.perf_counter(), start_step, []
-    reference = float(window.values.get("reference_loss", 0.0)) if start_step >= REFERENCE_STEPS else 0.0
     saved_step = start_step if start_step else None
     batches = stream.iterate(start_step)
     try:
@@ -210,12 +211,9 @@ def train(
             step_seconds.append(time.perf_counter() - step_start)
             bar.update(1)
             if step % 10 == 0 or step == total_steps - 1:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in window.values.items() if k != "reference_loss"},
-                                refresh=False)
-            if step + 1 == REFERENCE_STEPS:
-                window.values["reference_loss"] = reference
+                bar.set_postfix({k: f"{v:.4g}" for k, v in window.values.items()}, refresh=False)
             if checkpoint_steps and ((step + 1) % checkpoint_steps == 0 or step + 1 == total_steps):
-                _save(checkpoint_dir, sae, optimizer, since_fired, step + 1, window, run_key, rank)
+                _save(checkpoint_dir, sae, optimizer, since_fired, step + 1, window, run_key, rank, reference)
                 saved_step = step + 1
     except KeyboardInterrupt:
         if checkpoint_dir is not None:
@@ -241,7 +239,6 @@ def train(
         "step_seconds_median": float(torch.tensor(step_seconds).median()) if step_seconds else float("nan"),
     }
     figures.pop("dead", None)
-    figures.pop("reference_loss", None)
     sae.cfg.metadata.setdefault("training", {}).update(
         {"tokens": total_steps * batch_size, "batch_size": batch_size, "lr": base_lr, "seed": seed}
     )
@@ -265,10 +262,10 @@ def _check_batch(x: torch.Tensor, sae: SAE, step: int) -> None:
         raise ValueError(f"batch {step} contains NaN or inf activations; clean the data before training")
 
 
-def _save(directory, sae, optimizer, since_fired, step, window, run_key, rank) -> None:
+def _save(directory, sae, optimizer, since_fired, step, window, run_key, rank, reference) -> None:
     if rank == 0:
         checkpoint.write(directory, sae, optimizer, {"since_fired": since_fired, "rng": torch.get_rng_state()},
-                         {"step": step, "window": window.values, "run": run_key})
+                         {"step": step, "window": window.values, "run": run_key, "reference_loss": reference})
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
