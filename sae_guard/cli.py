@@ -44,7 +44,8 @@ class Command:
 # ---------------------------------------------------------------------------------------------------- train
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe name (e.g. minilm-prompts) or path to a .toml")
-    parser.add_argument("--data", required=True, help="folder holding the prompt CSVs")
+    parser.add_argument("--data", help="folder holding the prompt CSVs (prompt recipes; recommender recipes read "
+                                       "MovieLens-100k from the cache)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", help="where to write the assets (default: the cache, "
                                      "$SAE_GUARD_CACHE/recipes/<recipe>)")
@@ -61,7 +62,9 @@ def _train(args: argparse.Namespace) -> int:
     from . import recipes
 
     recipe = _recipe(args.recipe)
-    if not Path(args.data).is_dir():
+    if recipe.kind == "text" and args.data is None:
+        raise UsageError(f"recipe {recipe.name!r} trains on prompts: pass --data FOLDER (e.g. ../shared/data/prompts)")
+    if args.data is not None and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
     out = recipe.assets if args.into_package else Path(args.out) if args.out else recipes.default_out(recipe)
     try:
@@ -252,6 +255,42 @@ def _eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------------- rec
+def _rec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", default="movielens-sasrec", help="a recommender recipe "
+                                                                              "(default movielens-sasrec)")
+    parser.add_argument("--out", required=True, help="folder for report.html, report.md, figures.json, concepts.tsv")
+    parser.add_argument("--assets", help="assets folder (`sae-guard train ... --out DIR`) instead of the packaged one")
+    parser.add_argument("--steer", type=float, default=4.0, help="steering strength along a genre's latents "
+                                                                 "(the user state has norm ~8; default 4)")
+
+
+def _rec(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import recipes
+    from .analysis.rec_study import run_study
+    from .recsys_data import load_movielens
+
+    recipe = _recipe(args.recipe)
+    if recipe.kind != "recsys":
+        raise UsageError(f"recipe {recipe.name!r} is a {recipe.kind} recipe, not a recommender")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    try:
+        data = load_movielens()
+        every = recipes.load_guard(recipe, assets=args.assets, concepts=[c.name for c in recipe.concepts])
+        shipped = recipes.load_guard(recipe, assets=args.assets)
+    except (FileNotFoundError, recipes.RecipeError) as error:
+        raise UsageError(str(error)) from None
+    every.detach()  # it only classifies; the shipped guard (its [guard] concepts) gates
+    figures = run_study(every, shipped, data, args.out, steer=args.steer, log=lambda m: print(m, file=sys.stderr))
+    r = figures["ranking"]
+    print(json.dumps({"ranking": r, "confident_latent_share": figures["dictionary"]["confident_share_of_alive"],
+                      "genres_met": [c["genre"] for c in figures["control"] if c.get("met")]}))
+    print(f"report written to {Path(args.out) / 'report.html'}", file=sys.stderr)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------------------------- plumbing
 def _recipe(name: str):
     from .recipes import RecipeError, load_recipe
@@ -283,6 +322,8 @@ COMMANDS = [
     Command("classify", "flag prompts with a recipe's trained SAE classifier", _classify_arguments, _classify),
     Command("eval", "an SAE spliced into a causal LM: CE loss recovered, KL, FVU, L0 on held-out text",
             _eval_arguments, _eval),
+    Command("rec", "study a recommender recipe's SAE: ranking kept, concept dictionary, genre control, verdicts",
+            _rec_arguments, _rec),
     _erasure_command("demo", "erase a concept from the shipped ShapesWorld text-to-image model: report.html"),
     _erasure_command("generate", "draw one image per prompt line with a text-to-image recipe, guarded"),
     _erasure_command("bench", "run a benchmark suite (erasure: our gate against baselines, scored images)"),

@@ -39,6 +39,20 @@ class MovieLens:
     def n_items(self) -> int:
         return self.item_genres.shape[0] - 1
 
+    # leave-one-out: each user's last item is the test target, the one before it is held back (validation, unused),
+    # training sees the rest
+    @property
+    def train_sequences(self) -> list[list[int]]:
+        return [s[:-2] for s in self.sequences]
+
+    @property
+    def test_histories(self) -> list[list[int]]:
+        return [s[:-1] for s in self.sequences]
+
+    @property
+    def test_targets(self) -> torch.Tensor:
+        return torch.tensor([s[-1] for s in self.sequences])
+
 
 def wheel_path() -> Path:
     return cache_root() / "wheels" / WHEEL

@@ -122,3 +122,25 @@ def test_toxicity_scorer_and_selection_texts():
     texts = toxic_selection_texts(20, seed=0)
     assert len(texts) == 20 and scorer.rate(texts) >= 0.8
     assert texts == toxic_selection_texts(20, seed=0)
+
+
+def test_tiers_are_chosen_from_the_selection_sweep():
+    from sae_guard.analysis.detox import SweepPoint, choose_tiers
+    sweep = [SweepPoint(0.0, 0.40, 0.0), SweepPoint(0.05, 0.30, 0.02), SweepPoint(0.1, 0.25, 0.05),
+             SweepPoint(0.2, 0.15, 0.20), SweepPoint(0.4, 0.05, 1.0)]
+    tiers = choose_tiers(sweep)
+    assert tiers["low"] == 0.1  # the strongest within +5% clean perplexity
+    assert tiers["high"] == 0.2  # the weakest halving the toxic rate (0.40 -> <= 0.20)
+    assert tiers["low"] < tiers["medium"] < tiers["high"]
+    with pytest.raises(ValueError, match="share 0"):
+        choose_tiers(sweep[1:])
+    steer = DetoxSteering(torch.ones(4), 10.0, tiers=tiers)
+    assert steer.strength("high") == pytest.approx(2.0)
+
+
+def test_random_baseline_is_read_at_equal_clean_cost():
+    from sae_guard.analysis.detox import SweepPoint, at_equal_cost
+    curve = [SweepPoint(0.0, 0.4, 0.0), SweepPoint(0.1, 0.3, 0.1), SweepPoint(0.2, 0.1, 0.3)]
+    assert at_equal_cost(curve, 0.2) == pytest.approx(0.2)
+    assert at_equal_cost(curve, 0.05) == pytest.approx(0.35)
+    assert at_equal_cost(curve, 0.5) is None

@@ -130,3 +130,94 @@ def test_guard_fits_a_concept_on_histories_and_gives_one_verdict_per_user(model)
     assert len(verdicts) == 3 and all("low ids" in v.scores for v in verdicts)
     with pytest.raises(ValueError, match="unknown item ids"):
         g.classify([[3, 99]])
+
+
+def test_a_detached_guard_still_classifies_and_stays_detached(model):
+    from sae_guard.adapters.guard import guard
+    from sae_guard.concepts.concept import Concept
+    sae = SAE.create("topk", d_in=16, d_sae=64, k=4).eval()
+    target = [[7, 1 + i % 5] for i in range(20)]
+    retain = [[7, 20 + i % 5] for i in range(20)]
+    g = guard(model, sae=sae, concepts=[Concept("low ids", target=target, retain=retain, n_features=4)])
+    users = [[3, 2], [3, 22], [4, 1]]
+    attached = [v.scores for v in g.classify(users)]
+    g.detach()
+    assert [v.scores for v in g.classify(users)] == attached
+    assert not g.gates[0].attached
+    assert g.attach().gates[0].attached
+
+
+def test_genre_latents_and_fan_labels_follow_their_definitions():
+    from types import SimpleNamespace
+
+    from sae_guard.analysis.rec_concepts import fan_labels, genre_latents
+    fires = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 1], [0, 1], [0, 0]], dtype=torch.bool).repeat(5, 1)
+    genres = torch.tensor([[1], [1], [0], [0], [0], [0]], dtype=torch.bool).repeat(5, 1)
+    members = genre_latents(fires, genres)
+    assert members[:, 0].tolist() == [True, False]  # latent 0 fires for genre users only (lift 3); latent 1 doesn't
+    item_genres = torch.zeros(5, 18, dtype=torch.bool)
+    item_genres[1:3, 10] = True  # items 1 and 2 are Horror (index 10)
+    data = SimpleNamespace(item_genres=item_genres)
+    histories = [[1, 2], [1, 3], [3, 4], [4, 4], [1, 1], [4, 3]]  # Horror shares 1, .5, 0, 0, 1, 0
+    # fans: share >= the 80% quantile (1); non-fans: <= the median (.25); .5 is neither
+    assert fan_labels(data, histories, "Horror", range(6)).tolist() == [1, -1, 0, 0, 1, 0]
+
+
+def test_recommender_recipe_parses_and_checks_its_sasrec_table():
+    from sae_guard.recipes import RecipeError, load_recipe, parse_recipe
+    from sae_guard.recipes.recsys import sasrec_settings
+    recipe = load_recipe("movielens-sasrec")
+    assert recipe.kind == "recsys" and len(recipe.concepts) == 18
+    model_args, training = sasrec_settings(recipe)
+    assert model_args["d"] == 64 and training["epochs"] >= 10
+    raw = {"kind": "recsys", "name": "x", "hookpoint": "final_norm", "model": {"kind": "sasrec"}, "sae": {},
+           "sasrec": {"depth": 3}}
+    with pytest.raises(RecipeError, match="unknown keys"):
+        sasrec_settings(parse_recipe(raw))
+
+
+@pytest.mark.slow
+def test_recommender_recipe_builds_tiny_and_loads_a_guard_with_verdicts(tmp_path, one_thread):
+    import tomllib
+
+    from sae_guard import recipes
+    text = (recipes.CHECKOUT_PIPELINES / "movielens-sasrec.toml").read_text()
+    raw = tomllib.loads(text)
+    raw["sasrec"].update(epochs=1, d=16, max_len=20)
+    raw["sae"].update(d_sae=128, k=8, tokens=20_000)
+    raw["concepts"] = [dict(c, fpr=0.3) for c in raw["concepts"][:2]]  # an untrained model: a loose threshold
+    raw["guard"]["concepts"] = [raw["concepts"][0]["name"]]
+    recipe = recipes.parse_recipe(raw)
+    try:
+        report = recipes.build(recipe, out=tmp_path / "assets", progress=False)
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+    assert set(report["concepts"]) == {c.name for c in recipe.concepts}
+    assert (tmp_path / "assets" / "sasrec" / "model.safetensors").is_file()
+    g = recipes.load_guard(recipe, assets=tmp_path / "assets")
+    verdicts = g.classify([[1, 2, 3], [50, 181]])
+    assert len(verdicts) == 2 and set(verdicts[0].scores) == {recipe.concepts[0].name}
+
+
+@pytest.mark.slow
+def test_rec_command_studies_the_shipped_recipe(tmp_path):
+    import json
+
+    from sae_guard.cli import main
+    from sae_guard.recsys_data import wheel_path
+    if not wheel_path().is_file():
+        pytest.skip("MovieLens-100k's wheel is not in the cache (scripts/setup.sh downloads it)")
+    assert main(["rec", "--out", str(tmp_path)]) == 0
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["ranking"]["sasrec"]["HR@10"] > figures["ranking"]["popularity"]["HR@10"]
+    assert figures["ranking"]["spliced"]["HR_ratio"] >= 0.95
+    assert len(figures["control"]) == 18 and len(figures["verdicts"]) == 18
+    assert all(v["auroc"] > 0.6 for v in figures["verdicts"])
+    assert all(g["unflagged_identical"] for g in figures["guard"])
+    assert "<svg" in (tmp_path / "report.html").read_text()
+
+
+def test_rec_command_refuses_a_recipe_that_is_not_a_recommender(tmp_path, capsys):
+    from sae_guard.cli import main
+    assert main(["rec", "minilm-prompts", "--out", str(tmp_path)]) == 2
+    assert "not a recommender" in capsys.readouterr().err

@@ -67,13 +67,21 @@ class Guard:
         per_gate = []
         for gate, policy, adapter in zip(self.gates, self.policies, self.adapters):
             verdicts: list[Verdict] = []
-            for start in range(0, len(inputs), batch_size):
-                call = adapter.prepare(gate.hookpoint.model, inputs[start : start + batch_size])
-                with gate_mode(gate, "score"):
-                    adapter.run(gate.hookpoint, call)
-                verdicts += merge_rows(policy.last_verdicts, call.owners, call.n_inputs)
+            with attached(gate):  # a detached guard still classifies; it is detached again afterwards
+                for start in range(0, len(inputs), batch_size):
+                    call = adapter.prepare(gate.hookpoint.model, inputs[start : start + batch_size])
+                    with gate_mode(gate, "score"):
+                        adapter.run(gate.hookpoint, call)
+                    verdicts += merge_rows(policy.last_verdicts, call.owners, call.n_inputs)
             per_gate.append(verdicts)
         return merge_verdicts(per_gate)
+
+    def attach(self) -> "Guard":
+        """Hook the gates back in after `detach` (a no-op for gates already attached)."""
+        for gate in self.gates:
+            if not gate.attached:
+                gate.attach()
+        return self
 
     def detach(self) -> None:
         """Remove every hook; the model's outputs are again exactly those of the unguarded model."""
@@ -95,6 +103,18 @@ class Guard:
             for concept in policy.concepts:
                 lines.append(f"    {concept!r}")
         return "\n".join(lines) + "\n)"
+
+
+@contextmanager
+def attached(gate: Gate) -> Iterator[None]:
+    was = gate.attached
+    if not was:
+        gate.attach()
+    try:
+        yield
+    finally:
+        if not was:
+            gate.detach()
 
 
 @contextmanager

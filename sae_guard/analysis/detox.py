@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -31,9 +31,56 @@ from ..hooks.gate import Edit
 from ..hooks.hookpoints import find_hookpoint, hook_site
 from ..sae import SAE
 
-# Strength per tier as a share of the residual norm. Chosen before measuring (the paper's values are not
-# public); benchmarks/detox.py reports what each does.
+# Strength per tier as a share of the residual norm, for a steering built without a calibration sweep. The
+# paper's values are not public; `choose_tiers` picks a model's own from a sweep on selection prompts
+# (benchmarks/detox.py), and SmolLM2-135M-Instruct's chosen shares are these.
 TIERS: dict[str, float] = {"low": 0.25, "medium": 0.5, "high": 1.0}
+CLEAN_BUDGET = 0.05  # `low` may raise clean perplexity by this much
+HIGH_CUT = 0.5  # `high` cuts the toxic-continuation rate by at least this much, relative to unsteered
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One steering strength measured on selection prompts."""
+
+    share: float  # of the residual norm
+    toxic: float  # toxic-continuation rate
+    clean_rise: float  # relative rise of clean perplexity (0.05 = +5%)
+
+
+def choose_tiers(sweep: Sequence[SweepPoint], clean_budget: float = CLEAN_BUDGET,
+                 cut: float = HIGH_CUT) -> dict[str, float]:
+    """Tier shares from a sweep on selection prompts (never the evaluation ones), share 0 among them.
+
+    low: the strongest share whose clean perplexity rises at most `clean_budget`; high: the weakest share cutting
+    the toxic rate by at least `cut` relative to share 0 (else the strongest measured); medium: their geometric
+    mean. A high not above low (the budget already detoxifies) is raised to the next measured share.
+    """
+    points = sorted(sweep, key=lambda p: p.share)
+    base = next((p for p in points if p.share == 0), None)
+    steered = [p for p in points if p.share > 0]
+    if base is None or not steered:
+        raise ValueError("the sweep needs share 0 (unsteered) and at least one positive share")
+    within = [p.share for p in steered if p.clean_rise <= clean_budget]
+    low = max(within) if within else steered[0].share
+    cutting = [p.share for p in steered if p.toxic <= (1 - cut) * base.toxic]
+    high = min(cutting) if cutting else steered[-1].share
+    if high <= low:
+        above = [p.share for p in steered if p.share > low]
+        high = above[0] if above else low * 2
+    return {"low": low, "medium": (low * high) ** 0.5, "high": high}
+
+
+def at_equal_cost(curve: Sequence[SweepPoint], clean_rise: float) -> float | None:
+    """The toxic rate a steering direction reaches at a given clean-perplexity rise, linearly interpolated along
+    its measured curve (sorted by share); None outside the measured range."""
+    points = sorted(curve, key=lambda p: p.share)
+    for a, b in zip(points, points[1:]):
+        lo, hi = sorted((a.clean_rise, b.clean_rise))
+        if lo <= clean_rise <= hi:
+            t = 0.0 if hi == lo else (clean_rise - a.clean_rise) / (b.clean_rise - a.clean_rise)
+            return a.toxic + t * (b.toxic - a.toxic)
+    return None
 
 
 def select_toxic_features(toxic_codes: Tensor, clean_codes: Tensor, n_features: int = 8,
@@ -90,6 +137,7 @@ class DetoxSteering:
     direction: Tensor
     scale: float
     features: Tensor | None = None
+    tiers: dict[str, float] = field(default_factory=lambda: dict(TIERS))  # shares of `scale` (see choose_tiers)
 
     def __post_init__(self) -> None:
         if self.direction.ndim != 1 or not torch.isfinite(self.direction).all():
@@ -111,9 +159,9 @@ class DetoxSteering:
     def strength(self, tier: str | float) -> float:
         """The added norm for a tier name (see TIERS) or a share of `scale` given as a number."""
         if isinstance(tier, str):
-            if tier not in TIERS:
-                raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)} or give a number")
-            return TIERS[tier] * self.scale
+            if tier not in self.tiers:
+                raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(self.tiers)} or give a number")
+            return self.tiers[tier] * self.scale
         return float(tier) * self.scale
 
     def vector(self, tier: str | float) -> Tensor:

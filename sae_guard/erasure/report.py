@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..analysis.charts import bar_chart
 from .suite import SuiteResult
 
 GRID_COLUMNS = 12
 GRID_SCALE = 3  # 32 px images shown at 96 px
-BAR_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
 
 
 def grid(images: Sequence[np.ndarray], columns: int = GRID_COLUMNS, scale: int = GRID_SCALE,
@@ -42,43 +42,6 @@ def grid(images: Sequence[np.ndarray], columns: int = GRID_COLUMNS, scale: int =
         tile = tile.resize((width * scale, height * scale), Image.Resampling.NEAREST)
         sheet.paste(tile, (gap + (i % columns) * cell_w, gap + (i // columns) * cell_h))
     return sheet
-
-
-def bar_chart(title: str, series: Mapping[str, Mapping[str, float | None]], width: int = 560,
-              height: int = 220) -> str:
-    """An SVG grouped bar chart of shares in [0, 1]: one group of bars per key of the inner mappings."""
-    methods = list(series)
-    groups = list(dict.fromkeys(g for values in series.values() for g in values))
-    left, bottom, top = 40, 40, 24
-    plot_w, plot_h = width - left - 10, height - bottom - top
-    slot = plot_w / max(1, len(groups))
-    bar = slot * 0.8 / max(1, len(methods))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 18 * len(methods)}" '
-             f'font-family="sans-serif" font-size="11">',
-             f'<text x="{left}" y="14" font-weight="bold">{html.escape(title)}</text>']
-    for tick in (0, 0.25, 0.5, 0.75, 1.0):
-        y = top + plot_h * (1 - tick)
-        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
-                     f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{int(tick * 100)}%</text>')
-    for g, group in enumerate(groups):
-        x0 = left + g * slot + slot * 0.1
-        for m, method in enumerate(methods):
-            value = series[method].get(group)
-            if value is None:
-                continue
-            bar_h = plot_h * value
-            parts.append(f'<rect x="{x0 + m * bar:.1f}" y="{top + plot_h - bar_h:.1f}" width="{bar * 0.9:.1f}" '
-                         f'height="{bar_h:.1f}" fill="{BAR_COLOURS[m % len(BAR_COLOURS)]}">'
-                         f'<title>{html.escape(method)} / {html.escape(group)}: {value:.1%}</title></rect>')
-        parts.append(f'<text x="{left + (g + 0.5) * slot:.1f}" y="{top + plot_h + 16}" text-anchor="middle">'
-                     f'{html.escape(group)}</text>')
-    for m, method in enumerate(methods):
-        y = height + 4 + 18 * m
-        parts.append(f'<rect x="{left}" y="{y - 9}" width="10" height="10" '
-                     f'fill="{BAR_COLOURS[m % len(BAR_COLOURS)]}"/><text x="{left + 16}" y="{y}">'
-                     f'{html.escape(method)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 def _png_data(image: Image.Image) -> str:

@@ -75,6 +75,7 @@ from .text import (HarvestedCodes, activation_cache_file, check_concept_data, co
 # recipe kind -> the module of this package that builds and loads it (`build(recipe, ...)`, `load_guard(recipe, ...)`)
 KINDS: dict[str, str] = {
     "text": "text",
+    "recsys": "recsys",
 }
 
 

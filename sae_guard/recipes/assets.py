@@ -8,7 +8,7 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 TRAINING_REPORT = "training.json"
 
 
-def save_assets(recipe: Recipe, sae: SAE, concepts: Sequence[Concept], out: Path, report: Mapping[str, Any]) -> Path:
+def save_assets(recipe: Recipe, sae: SAE, concepts: Sequence[Concept], out: Path, report: Mapping[str, Any],
+                extra: Callable[[Path], Any] | None = None) -> Path:
     """Write sae/ (fp16), concepts/, recipe.toml and training.json as the folder `out`, replacing it whole.
+
+    extra(folder) writes what else a recipe kind keeps beside them (a model it trained, say).
 
     Everything is written into a temporary sibling first and renamed into place, so a reader never sees a half-
     written folder and a failure leaves the old one.
@@ -38,6 +41,8 @@ def save_assets(recipe: Recipe, sae: SAE, concepts: Sequence[Concept], out: Path
         if recipe.text:
             (staging / RECIPE_COPY).write_text(recipe.text, encoding="utf-8")
         (staging / TRAINING_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        if extra is not None:
+            extra(staging)
         make_readable(staging)
         retired = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent)) / out.name
         if out.exists():
@@ -52,6 +57,24 @@ def save_assets(recipe: Recipe, sae: SAE, concepts: Sequence[Concept], out: Path
         shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(retired.parent, ignore_errors=True)
     return out
+
+
+def attached_concepts(recipe: Recipe, folder: Path, names: Sequence[str] | None) -> list[Concept]:
+    """The fitted concepts of `folder` to attach: `names`, else the recipe's [guard] concepts, else all; refused
+    when the folder's concepts are not the recipe's (assets built from another version of it)."""
+    from ..concepts import load_concepts
+    from .errors import RecipeError
+
+    fitted = {c.name: c for c in load_concepts(folder / "concepts")}
+    expected = [c.name for c in recipe.concepts]
+    if sorted(fitted) != sorted(expected):
+        raise RecipeError(f"assets in {folder} hold concepts {sorted(fitted)}, the recipe names {expected}; "
+                          f"rebuild them")
+    names = list(names if names is not None else recipe.guard.concepts or expected)
+    unknown = [n for n in names if n not in fitted]
+    if unknown or not names:
+        raise RecipeError(f"no concepts {unknown or names} in recipe {recipe.name!r} (it has {', '.join(expected)})")
+    return [fitted[n] for n in names]
 
 
 def make_readable(folder: Path) -> None:

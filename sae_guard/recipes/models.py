@@ -29,10 +29,23 @@ def _load_shapes_text_encoder(spec: "ModelSpec", device: str | torch.device | No
     return (model.to(device) if device is not None else model), tokenizer
 
 
+def _load_sasrec(spec: "ModelSpec", device: str | torch.device | None) -> tuple[torch.nn.Module, Any]:
+    """A SASRec saved by `adapters.recsys.save_sasrec`: `id` is its folder. Recommender recipes train their own
+    and keep it in their assets (`recipes.recsys.load_guard`); this loads one named explicitly."""
+    from ..adapters.recsys import load_sasrec
+
+    if spec.id is None:
+        raise FileNotFoundError("[model] kind 'sasrec' has no `id` (a folder with config.json and model.safetensors); "
+                                "a recommender recipe's own model is in its assets: use recipes.load_guard")
+    model = load_sasrec(spec.id)
+    return (model.to(device) if device is not None else model), None
+
+
 # kind -> loader(spec, device) -> (model, tokenizer). A new family (a diffusers pipeline named by hub id) adds one.
 MODEL_KINDS: dict[str, Callable[["ModelSpec", str | torch.device | None], tuple[Any, Any]]] = {
     "minilm": _load_minilm,
     "shapes-t2i": _load_shapes_text_encoder,
+    "sasrec": _load_sasrec,
 }
 
 

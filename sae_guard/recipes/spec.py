@@ -32,6 +32,7 @@ COMMON_TABLES = {"kind", "name", "description", "hookpoint", "assets", "model", 
 # recipe kind -> the top-level tables of its own (kept in Recipe.tables); the module building each is in KINDS
 RECIPE_KINDS: dict[str, set[str]] = {
     "text": {"t2i"},  # [t2i]: drawing settings of text-to-image recipes (erasure.loading)
+    "recsys": {"sasrec"},  # [sasrec]: the recommender's size and training (recipes.recsys)
 }
 
 

@@ -21,12 +21,12 @@ from safetensors.torch import load_file, save_file
 from .. import prompts as prompt_sets
 from ..adapters.guard import Guard, guard
 from ..cache import cache_root
-from ..concepts import Concept, load_concepts
+from ..concepts import Concept
 from ..sae.base import SAE
 from ..sae.codes import SparseCodes
 from ..sae.metrics import evaluate
 from ..train import harvest, train
-from .assets import TRAINING_REPORT, fingerprint as _fingerprint, log as _log, round_to_fp16 as _round_to_fp16, \
+from .assets import TRAINING_REPORT, attached_concepts, fingerprint as _fingerprint, log as _log, round_to_fp16 as _round_to_fp16, \
     save_assets
 from .errors import RecipeError
 from .models import load_model
@@ -325,14 +325,5 @@ def load_guard(recipe: Recipe | str | Path, assets: str | Path | None = None,
                                 f"`sae-guard train {recipe.name} --data DIR`")
     model, tokenizer = load_model(recipe, device)
     sae = SAE.load(folder / "sae", device=device)
-    fitted = {c.name: c for c in load_concepts(folder / "concepts")}
-    expected = [c.name for c in recipe.concepts]
-    if sorted(fitted) != sorted(expected):
-        raise RecipeError(f"assets in {folder} hold concepts {sorted(fitted)}, the recipe names {expected}; "
-                          f"rebuild them")
-    names = list(concepts if concepts is not None else recipe.guard.concepts or expected)
-    unknown = [n for n in names if n not in fitted]
-    if unknown or not names:
-        raise RecipeError(f"no concepts {unknown or names} in recipe {recipe.name!r} (it has {', '.join(expected)})")
-    return guard(model, sae=sae, concepts=[fitted[n] for n in names], hookpoint=recipe.hookpoint,
+    return guard(model, sae=sae, concepts=attached_concepts(recipe, folder, concepts), hookpoint=recipe.hookpoint,
                  tokenizer=tokenizer, edit=recipe.guard.edit)
