@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=60_000)
     ap.add_argument("--train-texts", type=int, default=600)
     ap.add_argument("--test-texts", type=int, default=60)
+    ap.add_argument("--min-share", type=float, default=0.5,
+                    help="a feature belongs to its dominant head when that head holds this share of its decoder norm")
+    ap.add_argument("--out", help="write the head report (markdown, top-activating contexts) here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -84,18 +87,32 @@ def main() -> None:
             contexts += [tok.decode(ids[max(0, i - 5):i + 1]) for i in range(len(ids))]
         with torch.no_grad():
             codes = sae.encode(test_acts)
-        report = head_report(sae.W_dec, heads, codes, contexts[:len(codes)] if len(contexts) == len(codes) else None)
+        report = head_report(sae.W_dec, heads, codes, contexts[:len(codes)] if len(contexts) == len(codes) else None,
+                             min_share=args.min_share)
         alive = (codes > 0).any(0)
         owned = sum(len(h.features) for h in report)
         best = head_shares(sae.W_dec, heads).amax(-1)[alive]
         print(f"largest head share per live feature: median {float(best.median()):.2f}, "
               f">= 0.5 for {float((best >= 0.5).float().mean()):.0%}, >= 0.8 for {float((best >= 0.8).float().mean()):.0%}")
-        print(f"heads {heads}; features owned by one head (share >= 0.8, top 8 shown per head): {owned}; "
+        print(f"heads {heads}; features owned by one head (share >= {args.min_share}, top 8 per head): {owned}; "
               f"live features on held-out: {int(alive.sum())}/{args.d_sae}; "
               f"heads with >= 2 families: {share_multi_family(report):.0%}")
+        shares = head_shares(sae.W_dec, heads)
+        lines = [f"# Attention-output SAE, layer {layer} ({point})\n",
+                 f"TopK d_sae={args.d_sae} k={args.k}, {args.tokens} training tokens on {len(acts)} harvested; "
+                 f"CE recovered {recovered:.3f}. A head's features: those with >= {args.min_share:.0%} of their "
+                 f"decoder norm in it, most often firing first; contexts are the 6 tokens up to the top activations.\n"]
         for h in report:
             shown = "; ".join(f"{f}: {h.examples.get(f, [])[:2]}" for f in h.features[:3])
             print(f"  head {h.head}: features {h.features} families {len(h.families)} | {shown}")
+            lines.append(f"## head {h.head}: {len(h.features)} features, {len(h.families)} families\n")
+            for f in h.features:
+                examples = " / ".join(repr(c) for c in h.examples.get(f, []))
+                lines.append(f"- feature {f} (share {shares[f, h.head]:.2f}): {examples}")
+            lines.append("")
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write("\n".join(lines) + "\n")
     print(f"total {time.time() - t0:.0f}s")
 
 

@@ -128,9 +128,10 @@ def test_tiers_are_chosen_from_the_selection_sweep():
     from sae_guard.analysis.detox import SweepPoint, choose_tiers
     sweep = [SweepPoint(0.0, 0.40, 0.0), SweepPoint(0.05, 0.30, 0.02), SweepPoint(0.1, 0.25, 0.05),
              SweepPoint(0.2, 0.15, 0.20), SweepPoint(0.4, 0.05, 1.0)]
-    tiers = choose_tiers(sweep)
+    tiers = choose_tiers(sweep, margin=1.0)
     assert tiers["low"] == 0.1  # the strongest within +5% clean perplexity
     assert tiers["high"] == 0.2  # the weakest halving the toxic rate (0.40 -> <= 0.20)
+    assert choose_tiers(sweep)["high"] == pytest.approx(0.4)  # with the default 2x margin
     assert tiers["low"] < tiers["medium"] < tiers["high"]
     with pytest.raises(ValueError, match="share 0"):
         choose_tiers(sweep[1:])
@@ -144,3 +145,4 @@ def test_random_baseline_is_read_at_equal_clean_cost():
     assert at_equal_cost(curve, 0.2) == pytest.approx(0.2)
     assert at_equal_cost(curve, 0.05) == pytest.approx(0.35)
     assert at_equal_cost(curve, 0.5) is None
+    assert at_equal_cost(curve, -0.02) == pytest.approx(0.4)  # cheaper than no steering: the unsteered rate

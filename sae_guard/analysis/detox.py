@@ -37,6 +37,7 @@ from ..sae import SAE
 TIERS: dict[str, float] = {"low": 0.25, "medium": 0.5, "high": 1.0}
 CLEAN_BUDGET = 0.05  # `low` may raise clean perplexity by this much
 HIGH_CUT = 0.5  # `high` cuts the toxic-continuation rate by at least this much, relative to unsteered
+HIGH_MARGIN = 2.0  # `high` is this multiple of the weakest share that reached the cut on the selection prompts
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,14 @@ class SweepPoint:
 
 
 def choose_tiers(sweep: Sequence[SweepPoint], clean_budget: float = CLEAN_BUDGET,
-                 cut: float = HIGH_CUT) -> dict[str, float]:
+                 cut: float = HIGH_CUT, margin: float = HIGH_MARGIN) -> dict[str, float]:
     """Tier shares from a sweep on selection prompts (never the evaluation ones), share 0 among them.
 
-    low: the strongest share whose clean perplexity rises at most `clean_budget`; high: the weakest share cutting
-    the toxic rate by at least `cut` relative to share 0 (else the strongest measured); medium: their geometric
-    mean. A high not above low (the budget already detoxifies) is raised to the next measured share.
+    low: the strongest share whose clean perplexity rises at most `clean_budget`; high: `margin` times the weakest
+    share cutting the toxic rate by at least `cut` relative to share 0 (else the strongest measured). The margin is
+    there because a toxic rate measured on a few dozen prompts jumps around its threshold: on SmolLM2 the weakest
+    halving share of 24 selection prompts (0.15) halved nothing on 24 other prompts, twice it does. medium: the
+    geometric mean of low and high. A high not above low is raised to the next measured share.
     """
     points = sorted(sweep, key=lambda p: p.share)
     base = next((p for p in points if p.share == 0), None)
@@ -64,7 +67,7 @@ def choose_tiers(sweep: Sequence[SweepPoint], clean_budget: float = CLEAN_BUDGET
     within = [p.share for p in steered if p.clean_rise <= clean_budget]
     low = max(within) if within else steered[0].share
     cutting = [p.share for p in steered if p.toxic <= (1 - cut) * base.toxic]
-    high = min(cutting) if cutting else steered[-1].share
+    high = margin * min(cutting) if cutting else steered[-1].share
     if high <= low:
         above = [p.share for p in steered if p.share > low]
         high = above[0] if above else low * 2
@@ -73,8 +76,11 @@ def choose_tiers(sweep: Sequence[SweepPoint], clean_budget: float = CLEAN_BUDGET
 
 def at_equal_cost(curve: Sequence[SweepPoint], clean_rise: float) -> float | None:
     """The toxic rate a steering direction reaches at a given clean-perplexity rise, linearly interpolated along
-    its measured curve (sorted by share); None outside the measured range."""
+    its measured curve (sorted by share, share 0 first). A cost at or below the cheapest point's gets that point's
+    rate (no steering costs less than none); None above the measured range."""
     points = sorted(curve, key=lambda p: p.share)
+    if points and clean_rise <= min(p.clean_rise for p in points):
+        return min(points, key=lambda p: p.clean_rise).toxic
     for a, b in zip(points, points[1:]):
         lo, hi = sorted((a.clean_rise, b.clean_rise))
         if lo <= clean_rise <= hi:
