@@ -33,6 +33,7 @@ from ..recsys_data import GENRES, MovieLens
 from ..sae.base import SAE
 from .charts import bar_chart, histogram
 from .rec_concepts import attributes, concept_dictionary, fan_labels, split_users
+from .scores import auroc, dense_probe
 
 CONFIDENT_F1, CONFIDENT_LIFT = 0.3, 2.0
 CUT_TARGET, HR_TOLERANCE = 0.5, 0.02  # a genre's top-10 share cut by >= 50%, other users' HR@10 within 2 points
@@ -146,37 +147,6 @@ def control(ranker: Ranker, sae: SAE, concepts: Sequence[Any], fit: list[int], h
                      "HR@10_all_steered": steered["hit"].mean().item(),
                      "met": bool(cut >= CUT_TARGET and hr_change >= -HR_TOLERANCE)})
     return rows
-
-
-def auroc(scores: Tensor, labels: Tensor) -> float:
-    """Probability that a random positive outscores a random negative (ties count half)."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if not len(pos) or not len(neg):
-        return math.nan
-    greater = (pos[:, None] > neg[None]).float().mean()
-    ties = (pos[:, None] == neg[None]).float().mean()
-    return (greater + 0.5 * ties).item()
-
-
-def dense_probe(x: Tensor, labels: Tensor, fit: list[int], l2: float = 1e-3) -> Callable[[Tensor], Tensor]:
-    """A logistic regression on standardised dense features of the fit users' labelled rows (the baseline)."""
-    rows = [u for u in fit if labels[u] >= 0]
-    mean, std = x[fit].mean(0), x[fit].std(0).clamp_min(1e-6)
-    z = (x[rows] - mean) / std
-    y = labels[rows].float()
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return lambda new: ((new - mean) / std @ w + b).detach()
 
 
 def verdicts(guard: Any, ranker: Ranker, states: Tensor, fit: list[int], held: list[int]) -> list[dict[str, Any]]:

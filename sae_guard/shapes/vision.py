@@ -186,7 +186,7 @@ def load_clip(directory: str | Path = CLIP_DIR):
     return model.eval(), preprocess, open_clip.get_tokenizer(CLIP_NAME)
 
 
-def train_clip(out: str | Path, *, n_train: int = 6000, epochs: int = 14, batch_size: int = 128,
+def train_clip(out: str | Path, *, n_train: int = 12000, epochs: int = 20, batch_size: int = 128,
                lr: float = 2e-3, seed: int = 0, log=print) -> dict:
     """Train the dual encoder contrastively on `train` captions; save config json + safetensors; held-out metrics."""
     import open_clip
