@@ -52,15 +52,6 @@ def concept_dictionary(fires_fit, attrs_fit, fires_held, attrs_held):
     return best, p[idx, best], r[idx, best], f[idx, best], p[idx, best] / base.clamp_min(1e-9)
 
 
-def genre_latents(fires: torch.Tensor, genres: torch.Tensor, min_support: int = 5, min_lift: float = 2.0):
-    """(latents, genres) bool: a latent belongs to a genre when it fires for >= min_support users and, among them,
-    the genre of the last item is >= min_lift times as common as among all users. Fit users only."""
-    f, g = fires.float(), genres.float()
-    support = f.sum(0)
-    lift = (f.T @ g) / support[:, None].clamp_min(1) / g.mean(0).clamp_min(1e-9)
-    return (lift >= min_lift) & (support[:, None] >= min_support)
-
-
 def genre_shares(data, histories) -> torch.Tensor:
     """(users, genres): the share of each genre among a user's last RECENT items."""
     return torch.stack([data.item_genres[torch.tensor(h[-RECENT:])].float().mean(0) for h in histories])

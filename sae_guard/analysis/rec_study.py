@@ -32,7 +32,7 @@ from ..hooks.hookpoints import find_hookpoint
 from ..recsys_data import GENRES, MovieLens
 from ..sae.base import SAE
 from .charts import bar_chart, histogram
-from .rec_concepts import attributes, concept_dictionary, fan_labels, split_users
+from .rec_concepts import attributes, concept_dictionary, fan_labels, genre_shares, split_users
 from .scores import auroc, dense_probe
 
 CONFIDENT_F1, CONFIDENT_LIFT = 0.3, 2.0
@@ -170,8 +170,6 @@ def verdicts(guard: Any, ranker: Ranker, states: Tensor, fit: list[int], held: l
 
 def examples(classifier: Any, ranker: Ranker, users: Sequence[int]) -> list[dict[str, Any]]:
     """A few users: the genres of their recent items (largest shares) beside the concepts their verdict names."""
-    from .rec_concepts import genre_shares
-
     shares = genre_shares(ranker.data, [ranker.histories[u] for u in users])
     results = classifier.classify([ranker.histories[u] for u in users])
     return [{"user": u + 1, "recent_genres": {GENRES[g]: round(shares[i, g].item(), 2)
