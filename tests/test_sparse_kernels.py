@@ -1,5 +1,6 @@
 """The sparse paths must agree with plain dense autograd, values and gradients."""
 
+import pytest
 import torch
 
 from sae_guard import SAE, SparseCodes, discrete_codes
@@ -82,3 +83,17 @@ def test_chunked_topk_encode_matches_the_dense_one():
     dense = sae.encode(x)
     sae.chunk_elements = 7 * 64  # forces chunks of 16 latents for 28 tokens
     assert torch.equal(sae.encode(x), dense)
+
+
+@pytest.mark.parametrize("rows, width, k", [(7, 1792, 32), (5, 1000, 20), (3, 513, 16), (4, 2048, 8), (2, 64, 4)])
+def test_row_topk_selects_exactly_the_top_k_of_each_row(rows, width, k):
+    """The two-stage selection (used on wide rows, including widths that leave a padded last group) keeps the same
+    entries as one torch.topk."""
+    from sae_guard.sae.sparsifiers import row_topk
+
+    scores = torch.randn(rows, 3, width, generator=torch.Generator().manual_seed(width))
+    scores[0, 0, :k] = scores.max() + 1.0  # a row whose winners share the first groups
+    got = row_topk(scores, k)
+    assert got.shape == (rows, 3, k)
+    expected = scores.topk(k, dim=-1).indices
+    assert torch.equal(got.sort(-1).values, expected.sort(-1).values)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .codes import SparseCodes
@@ -21,8 +22,35 @@ AFA_START_WIDTH = 32  # first search width of top-AFA's per-token k
 
 
 def row_topk(scores: Tensor, k: int) -> Tensor:
-    """Indices (..., k) of the k largest scores of each row (TopK)."""
-    return scores.topk(min(k, scores.shape[-1]), dim=-1, sorted=False).indices
+    """Indices (..., k) of the k largest scores of each row (TopK), unordered.
+
+    Wide rows go through an exact two-stage selection: the k best groups by their maxima hold every top-k entry
+    (an entry at least the k-th largest makes its group's maximum so too, and at most k groups can), then the top-k
+    among those groups' members. On a CPU that takes about half the time of `torch.topk` where the dictionary is a few
+    dozen times wider than k, as for the gate's per-position work on a vision backbone's feature map."""
+    width = scores.shape[-1]
+    k = min(k, width)
+    group = _group_size(width, k)
+    if group is None or scores.device.type != "cpu":
+        return scores.topk(k, dim=-1, sorted=False).indices
+    lead, rows = scores.shape[:-1], scores.reshape(-1, width)
+    groups = -(-width // group)
+    if groups * group != width:
+        rows = F.pad(rows, (0, groups * group - width), value=float("-inf"))
+    best_groups = rows.reshape(-1, groups, group).amax(-1).topk(k, dim=-1, sorted=False).indices
+    members = (best_groups.unsqueeze(-1) * group + torch.arange(group, device=scores.device)).flatten(-2)
+    local = rows.gather(-1, members).topk(k, dim=-1, sorted=False).indices
+    return members.gather(-1, local).reshape(*lead, k)
+
+
+def _group_size(width: int, k: int) -> int | None:
+    """Members per group for `row_topk`, or None for one `torch.topk`. Measured on one CPU thread: two stages take
+    0.5-0.75x the time where the dictionary is 24-160x wider than k (groups of 4, or 8 past 80x), and gain nothing
+    reliable on wider ratios or on rows under 512. CPU only: elsewhere one `torch.topk` serves."""
+    ratio = width // max(k, 1)
+    if width < 512 or not 24 <= ratio <= 160:
+        return None
+    return 4 if ratio < 80 else 8
 
 
 def abs_topk(pre: Tensor, k: int) -> SparseCodes:

@@ -19,6 +19,7 @@ from ..config import SAEConfig
 from ..losses import Step, auxk, fvu, multi_topk
 from ..base import SAE
 from ..registry import register
+from ..sparsifiers import row_topk
 
 
 @dataclass
@@ -48,7 +49,7 @@ class TopKSAE(SAE):
 
     def select(self, pre: Tensor, k: int) -> Tensor:
         """Indices of the kept latents per token."""
-        return pre.topk(min(k, pre.shape[-1]), dim=-1, sorted=False).indices
+        return row_topk(pre, k)
 
     def activate(self, values: Tensor) -> Tensor:
         return F.relu(values)
