@@ -88,7 +88,10 @@ def _train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- classify
 def _classify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe name (e.g. minilm-prompts) or path to a .toml")
-    parser.add_argument("--prompts", required=True, help="text file, one prompt per line ('-' reads stdin)")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--prompts", help="text file, one prompt per line ('-' reads stdin)")
+    inputs.add_argument("--images", nargs="+", metavar="IMAGE",
+                        help="image files, for image recipes (kind = \"vision\"): one verdict per image")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
     parser.add_argument("--explain", action="store_true",
                         help="for each flagged concept, the tokens and SAE latents that carried it")
@@ -100,8 +103,13 @@ def _classify(args: argparse.Namespace) -> int:
     from . import recipes
     from .concepts.policy import explaining
 
-    prompts = read_prompt_lines(args.prompts)
     recipe = _recipe(args.recipe)
+    if (recipe.kind == "vision") != (args.images is not None):
+        raise UsageError(f"recipe {recipe.name!r} classifies " + ("images: pass --images FILE ..." if
+                         recipe.kind == "vision" else "prompts: pass --prompts FILE"))
+    if args.images is not None:
+        return _classify_images(recipe, args)
+    prompts = read_prompt_lines(args.prompts)
     try:
         g = recipes.load_guard(recipe, assets=args.assets, concepts=[c.name for c in recipe.concepts])
     except (FileNotFoundError, recipes.RecipeError) as error:
@@ -126,6 +134,35 @@ def _classify(args: argparse.Namespace) -> int:
         print(format_verdicts(prompts, verdicts, [c.name for c in g.concepts]))
     if args.explain and not args.json:
         print(format_explanations(prompts, verdicts, g.tokenizers[0]))
+    return EXIT_OK
+
+
+def _classify_images(recipe, args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from . import recipes
+
+    images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(image)
+        except (OSError, UnidentifiedImageError) as error:
+            raise UsageError(f"--images {path}: not a readable image ({error})") from None
+    try:
+        g = recipes.load_guard(recipe, assets=args.assets, concepts=[c.name for c in recipe.concepts])
+    except (FileNotFoundError, recipes.RecipeError) as error:
+        raise UsageError(str(error)) from None
+    try:
+        verdicts = g.classify(images, batch_size=args.batch_size)
+    finally:
+        g.detach()
+    if args.json:
+        for path, verdict in zip(args.images, verdicts):
+            print(json.dumps({"image": path, **verdict.to_dict()}, ensure_ascii=False))
+    else:
+        print(format_verdicts(list(args.images), verdicts, [c.name for c in g.concepts]))
     return EXIT_OK
 
 

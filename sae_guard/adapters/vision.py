@@ -261,3 +261,41 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
         if parameter.is_floating_point():
             return parameter.dtype
     return torch.float32
+
+
+def as_tokens(hidden: Tensor) -> Tensor:
+    """(batch, tokens, d) from a ViT's tokens or a CNN's (batch, channels, height, width) map (positions as tokens)."""
+    if hidden.ndim == 4:
+        return hidden.flatten(2).transpose(1, 2)
+    if hidden.ndim != 3:
+        raise ValueError(f"the hookpoint gives shape {tuple(hidden.shape)}; expected (batch, tokens, d) or a "
+                         "(batch, channels, height, width) feature map")
+    return hidden
+
+
+@torch.no_grad()
+def harvest_tokens(model: nn.Module, hookpoint: str, images: Any, *, batch_size: int = 64,
+                   preprocess: Callable[[Any], Tensor] | None = None) -> Tensor:
+    """(n_images * tokens, d) activations of `images` at `hookpoint`, through the model's own preprocessing: what an
+    SAE on an image model trains on (every position; a token scope chooses among them when the SAE is attached)."""
+    from ..hooks.capture import capture_hidden  # noqa: PLC0415
+    from ..hooks.hookpoints import find_hookpoint  # noqa: PLC0415
+
+    adapter, point = VisionAdapter(model, preprocess=preprocess), find_hookpoint(model, hookpoint)
+    batches = _batches(images, batch_size)
+    if not batches:
+        raise ValueError("no images given: pass a non-empty list of PIL images or image tensors")
+    chunks = [as_tokens(capture_hidden(point, adapter.pixels(batch).to(device_of(model), _dtype_of(model)))).float()
+              for batch in batches]
+    return torch.cat(chunks).flatten(0, 1)
+
+
+def _batches(images: Any, size: int) -> list[Any]:
+    if isinstance(images, Tensor):
+        if images.ndim == 3:
+            images = images[None]
+        return [images[i:i + size] for i in range(0, len(images), size)]
+    if images is None or not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+        raise TypeError(f"images must be a list of PIL images or image tensors, or a (B, 3, H, W) tensor; got "
+                        f"{type(images).__name__}")
+    return [list(images[i:i + size]) for i in range(0, len(images), size)]

@@ -76,6 +76,7 @@ from .text import (HarvestedCodes, activation_cache_file, check_concept_data, co
 KINDS: dict[str, str] = {
     "text": "text",
     "recsys": "recsys",
+    "vision": "vision",
 }
 
 

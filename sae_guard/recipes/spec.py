@@ -33,6 +33,7 @@ COMMON_TABLES = {"kind", "name", "description", "hookpoint", "assets", "model", 
 RECIPE_KINDS: dict[str, set[str]] = {
     "text": {"t2i"},  # [t2i]: drawing settings of text-to-image recipes (erasure.loading)
     "recsys": {"sasrec"},  # [sasrec]: the recommender's size and training (recipes.recsys)
+    "vision": {"images"},  # [images]: the SAE's and the concepts' images, the token scope (recipes.vision)
 }
 
 
