@@ -99,3 +99,18 @@ def test_a_malformed_images_table_is_refused(images, message):
                            "model": {"kind": "shapes-clip"}, "images": images, "sae": {}})
     with pytest.raises(RecipeError, match=message):
         image_settings(recipe)
+
+
+def test_the_efficientnet_recipe_flags_held_out_red_shapes_through_imagenet_preprocessing():
+    """The real pretrained backbone's recipe: 32-pixel ShapesWorld images resized by timm's own transform."""
+    g = recipes.load_guard("efficientnet-lite0-shapes", concepts=["red", "star"])
+    pixels, shapes = heldout(40)
+    try:
+        verdicts = g.classify([Image.fromarray(p) for p in pixels], batch_size=20)
+    finally:
+        g.detach()
+    for name, key in (("red", "colour"), ("star", "shape")):
+        truth = [s[key] == name for s in shapes]
+        hits = [name in v.concepts for v in verdicts]
+        assert sum(h for h, t in zip(hits, truth) if t) >= 0.8 * sum(truth) and any(truth)
+        assert sum(h for h, t in zip(hits, truth) if not t) <= 0.1 * (len(truth) - sum(truth))
