@@ -81,7 +81,11 @@ def test_chunked_topk_encode_matches_the_dense_one():
     sae = SAE.create("topk", d_in=8, d_sae=300, k=5)
     x = torch.randn(4, 7, 8)
     dense = sae.encode(x)
-    sae.chunk_elements = 7 * 64  # forces chunks of 16 latents for 28 tokens
+    sae.chunk_elements = 7 * 64  # forces row chunks: one token per chunk (a one-row matmul may round differently)
+    chunked = sae.encode(x)
+    assert torch.equal(chunked != 0, dense != 0)
+    torch.testing.assert_close(chunked, dense, rtol=1e-5, atol=1e-6)
+    sae.chunk_elements = 64  # a dictionary wider than a chunk: latent chunks, then the best of their candidates
     assert torch.equal(sae.encode(x), dense)
 
 

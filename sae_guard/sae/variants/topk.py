@@ -57,17 +57,24 @@ class TopKSAE(SAE):
     def encode_sparse(self, x: Tensor) -> SparseCodes:
         x = self.check_input(x)
         lead, x = x.shape[:-1], x.reshape(-1, self.d_in)
-        if x.shape[0] * self.d_sae <= self.chunk_elements:
-            pre = self.pre_acts(x)
-            indices = self.select(pre, self.cfg.k)
-            values = pre.gather(-1, indices)
+        if self.d_sae <= self.chunk_elements:  # whole rows, as many as fit: each chunk exactly the unchunked codes
+            rows = max(1, self.chunk_elements // self.d_sae)
+            parts = [self._encode_rows(x[start:start + rows]) for start in range(0, max(len(x), 1), rows)]
+            values, indices = torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
         else:
             values, indices = self._encode_in_chunks(x)
         k = indices.shape[-1]
         return SparseCodes(self.activate(values).reshape(*lead, k), indices.reshape(*lead, k))
 
+    def _encode_rows(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self.pre_acts(x)
+        indices = self.select(pre, self.cfg.k)
+        return pre.gather(-1, indices), indices
+
     def _encode_in_chunks(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-k per chunk of latents, then top-k of those candidates: the same codes, a fraction of the memory."""
+        """Top-k per chunk of latents, then top-k of those candidates: the same codes, a fraction of the memory.
+        For dictionaries wider than `chunk_elements` (row chunks serve the others, and are faster: a column slice
+        of the encoder is strided)."""
         x_c = x - self.b_dec
         width = max(self.cfg.k, self.chunk_elements // max(x.shape[0], 1))
         cand_values, cand_indices = [], []
