@@ -34,7 +34,7 @@ TOLERANCE = 0.02  # the per-split goal: the best SAE score within this AUROC of 
 
 def shapes_vit_setup(n: int) -> dict[str, Any]:
     """The held-out-trained ShapesWorld ViT and its image sets ((n, 3, 32, 32) tensors in [-1, 1])."""
-    from .shapes.ood_splits import (TEST_PHOTOS, VALIDATION_PHOTOS, FIT_PHOTOS, held_out_images, noise_images,
+    from .shapes.ood_splits import (FIT_PHOTOS, TEST_PHOTOS, VALIDATION_PHOTOS, held_out_images, noise_images,
                                     photo_crops, textured_background_images)
     from .shapes.vision import ASSETS, TRAIN_SEED, load_vit, sub_world
     from .shapes.world import to_tensor
@@ -52,10 +52,9 @@ def shapes_vit_setup(n: int) -> dict[str, Any]:
                 "noise": noise_images(n, 32, seed=seed)}
 
     fit = world.sample(4 * n, seed=TRAIN_SEED, start=50_000)[0]
-    as_input: Callable[[np.ndarray], Any] = to_tensor
     return {"model": load_vit(directory), "hookpoint": "blocks.2", "d_sae": 512, "k": 8, "tokens": 300_000,
-            "fit": as_input(fit), "validation": {k: as_input(v) for k, v in sets(3000, VALIDATION_PHOTOS).items()},
-            "test": {k: as_input(v) for k, v in sets(2000, TEST_PHOTOS + FIT_PHOTOS).items()},
+            "fit": to_tensor(fit), "validation": {k: to_tensor(v) for k, v in sets(3000, VALIDATION_PHOTOS).items()},
+            "test": {k: to_tensor(v) for k, v in sets(2000, TEST_PHOTOS + FIT_PHOTOS).items()},
             "notes": f"ViT trained without {held['colours'] + held['shapes']}; natural photos for validation from "
                      f"{VALIDATION_PHOTOS}, for test from the others"}
 
@@ -65,7 +64,7 @@ def efficientnet_setup(n: int) -> dict[str, Any]:
     from PIL import Image
 
     from .adapters.efficientnet import efficientnet_lite0
-    from .shapes.ood_splits import (FIT_PHOTOS, TEST_PHOTOS, VALIDATION_PHOTOS, noise_images, photo_crops,
+    from .shapes.ood_splits import (FIT_PHOTOS, PHOTOS, TEST_PHOTOS, VALIDATION_PHOTOS, noise_images, photo_crops,
                                     texture_images)
     from .shapes.world import ShapesWorld
 
@@ -82,8 +81,8 @@ def efficientnet_setup(n: int) -> dict[str, Any]:
     return {"model": efficientnet_lite0(), "hookpoint": "blocks.4", "d_sae": 1024, "k": 16, "tokens": 300_000,
             "fit": fit, "validation": sets(3000, VALIDATION_PHOTOS), "test": sets(2000, TEST_PHOTOS),
             "notes": f"ID = crops of skimage photographs: fit {FIT_PHOTOS} ({len(fit)} crops), validation "
-                     f"{VALIDATION_PHOTOS}, test {TEST_PHOTOS}: {len(FIT_PHOTOS) + len(VALIDATION_PHOTOS) + len(TEST_PHOTOS)} "
-                     "photographs in all, a small and narrow ID set"}
+                     f"{VALIDATION_PHOTOS}, test {TEST_PHOTOS}: {len(PHOTOS)} photographs in all, a small and "
+                     "narrow ID set"}
 
 
 SETUPS = {"shapes-vit": shapes_vit_setup, "efficientnet": efficientnet_setup}

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-MODELS = ("shapes-vit", "efficientnet")  # sae_guard.ood_benchmark.MODELS (tested equal), kept here so --help needs no torch
+# sae_guard.ood_benchmark.MODELS (a test keeps them equal), repeated here so that --help loads no torch
+MODELS = ("shapes-vit", "efficientnet")
 
 
 def ood_arguments(parser: argparse.ArgumentParser) -> None:
