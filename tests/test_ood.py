@@ -146,3 +146,18 @@ def test_fpr_at_tpr_counts_negatives_above_the_positive_threshold():
     labels = torch.tensor([0, 0, 0, 0, 1, 1])
     assert fpr_at_tpr(scores, labels) == 0.0
     assert fpr_at_tpr(-scores, labels) == 1.0
+
+
+def test_cli_writes_the_report_and_refuses_too_few_images(tmp_path, capsys):
+    from sae_guard.cli import EXIT_USAGE, main
+
+    assert main(["ood", "--model", "shapes-vit", "--out", str(tmp_path), "--n", "3", "--quiet"]) == EXIT_USAGE
+    assert "at least 10" in capsys.readouterr().err
+    assert main(["ood", "--model", "shapes-vit", "--out", str(tmp_path), "--n", "12", "--quiet"]) == 0
+    report = json.loads((tmp_path / "ood-shapes-vit.json").read_text())
+    assert set(report["test"]) == {"held-out colour", "held-out shape", "textured background", "natural photos",
+                                   "noise"}
+    assert all(set(row) == set(METHODS) for row in report["test"].values())
+    assert report["goals"]["chosen_sae_score"].startswith("sae_")
+    table = (tmp_path / "ood-shapes-vit.md").read_text()
+    assert "| sae_error |" in table and "| mahalanobis |" in table and ("PASS" in table or "FAIL" in table)
