@@ -186,11 +186,41 @@ def goal_lines(result: dict) -> list[str]:
     return lines
 
 
+def html(result: dict) -> str:
+    """The test table as a standalone HTML page, each split's best AUROC in bold."""
+    from html import escape
+
+    splits = list(result["test"])
+    head = "".join(f"<th>{escape(s)}</th>" for s in splits)
+    rows = []
+    for method in METHODS:
+        cells = []
+        for split in splits:
+            row = result["test"][split]
+            value = row[method]
+            best = value["auroc"] == max(r["auroc"] for r in row.values())
+            text = f"{value['auroc']:.3f} / {value['fpr95']:.3f}"
+            cells.append(f"<td>{'<b>' + text + '</b>' if best else text}</td>")
+        mean = result["test_average"]
+        cells.append(f"<td>{mean['auroc'][method]:.3f} / {mean['fpr95'][method]:.3f}</td>")
+        rows.append(f"<tr><th>{escape(method)}</th>{''.join(cells)}</tr>")
+    goals = "".join(f"<li>{escape(line)}</li>" for line in goal_lines(result))
+    return (f"<!doctype html><meta charset='utf-8'><title>OOD: {escape(result['model'])}</title>"
+            "<style>td,th{padding:2px 8px;text-align:right}table{border-collapse:collapse}</style>"
+            f"<h1>OOD detection: {escape(result['model'])} ({escape(result['hookpoint'])})</h1>"
+            "<p>AUROC / FPR95 per test split, ID test images as negatives; bold: the best AUROC of the split.</p>"
+            f"<table><tr><th>method</th>{head}<th>average</th></tr>{''.join(rows)}</table>"
+            f"<p>Best SAE score chosen on validation sets: {escape(result['goals']['chosen_sae_score'])}</p>"
+            f"<ul>{goals}</ul><p>{escape(result['notes'])}</p>\n")
+
+
 def write_report(result: dict, out: str | Path) -> list[Path]:
-    """report.md and report.json in `out`."""
+    """ood-MODEL.md, ood-MODEL.json and ood-MODEL.html in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    md, js = out / f"ood-{result['model']}.md", out / f"ood-{result['model']}.json"
-    md.write_text(markdown(result))
-    js.write_text(json.dumps(result, indent=2) + "\n")
-    return [md, js]
+    stem = out / f"ood-{result['model']}"
+    paths = [stem.with_suffix(".md"), stem.with_suffix(".json"), stem.with_suffix(".html")]
+    paths[0].write_text(markdown(result))
+    paths[1].write_text(json.dumps(result, indent=2) + "\n")
+    paths[2].write_text(html(result))
+    return paths

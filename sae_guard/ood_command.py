@@ -1,7 +1,7 @@
 """`sae-guard ood --model {shapes-vit,efficientnet} --out DIR`: the OOD benchmark of one model as a report.
 
-Writes DIR/ood-MODEL.md (the table of AUROC / FPR95 per split and method, the goals) and DIR/ood-MODEL.json (every
-figure, validation included); progress bars on stderr. Heavy imports wait until the command runs.
+Writes DIR/ood-MODEL.md and DIR/ood-MODEL.html (the table of AUROC / FPR95 per split and method, the goals)
+and DIR/ood-MODEL.json (every figure, validation included); progress bars on stderr. Heavy imports wait until it runs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ MODELS = ("shapes-vit", "efficientnet")
 def ood_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, choices=MODELS, help="the ShapesWorld ViT trained without purple "
                         "and star, or EfficientNet-Lite0 (ImageNet) with photo crops as in-distribution")
-    parser.add_argument("--out", required=True, help="folder for ood-MODEL.md and ood-MODEL.json")
+    parser.add_argument("--out", required=True, help="folder for ood-MODEL.md, .json and .html")
     parser.add_argument("--n", type=int, default=200, help="images per split (default 200)")
     parser.add_argument("--hookpoint", help="where the SAE reads (default: blocks.2 for the ViT, blocks.4 for "
                                             "EfficientNet)")

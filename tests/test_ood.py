@@ -161,3 +161,5 @@ def test_cli_writes_the_report_and_refuses_too_few_images(tmp_path, capsys):
     assert report["goals"]["chosen_sae_score"].startswith("sae_")
     table = (tmp_path / "ood-shapes-vit.md").read_text()
     assert "| sae_error |" in table and "| mahalanobis |" in table and ("PASS" in table or "FAIL" in table)
+    page = (tmp_path / "ood-shapes-vit.html").read_text()
+    assert page.count("<tr>") == len(METHODS) + 1 and "<b>" in page
