@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import ood_command
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 PROMPT_COLUMN_WIDTH = 60
 
@@ -364,6 +366,8 @@ COMMANDS = [
     _erasure_command("demo", "erase a concept from the shipped ShapesWorld text-to-image model: report.html"),
     _erasure_command("generate", "draw one image per prompt line with a text-to-image recipe, guarded"),
     _erasure_command("bench", "run a benchmark suite (erasure: our gate against baselines, scored images)"),
+    Command("ood", "OOD detection with SAE features against MSP, energy, Mahalanobis, KNN: a report per model",
+            ood_command.ood_arguments, ood_command.run_ood),
 ]
 
 

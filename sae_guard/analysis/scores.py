@@ -50,3 +50,13 @@ def dense_probe(x: Tensor, labels: Tensor, rows: Sequence[int] | None = None,
     with torch.enable_grad():
         opt.step(closure)
     return lambda new: ((new - mean) / std @ w + b).detach()
+
+
+def fpr_at_tpr(scores: Tensor, labels: Tensor, tpr: float = 0.95) -> float:
+    """The share of negatives (label 0) at or above the threshold that keeps `tpr` of the positives (FPR95 for
+    out-of-distribution detection, with OOD inputs as the positives)."""
+    pos, neg = scores[labels == 1].float(), scores[labels == 0].float()
+    if not len(pos) or not len(neg):
+        return math.nan
+    threshold = torch.quantile(pos, 1 - tpr)
+    return (neg >= threshold).float().mean().item()

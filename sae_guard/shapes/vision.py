@@ -17,13 +17,16 @@ shape from prompts alone (`zero_shot_accuracy`).
 Train (one thread each, a few minutes):
     python -m sae_guard.shapes.vision vit  --out sae_guard/assets/shapes-vit
     python -m sae_guard.shapes.vision clip --out sae_guard/assets/shapes-clip
+    python -m sae_guard.shapes.vision vit  --out sae_guard/assets/shapes-vit-ood --hold-out purple star ...
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +66,26 @@ def presence(labels: list[dict]) -> Tensor:
     return target
 
 
-def heldout_images(n: int, *, single: bool = True, start: int = 0):
-    """Held-out images (seed HELDOUT_SEED); `single`: one shape each, so colour and shape have one true answer."""
-    world = ShapesWorld(two_shape_prob=0.0) if single else ShapesWorld()
+def heldout_images(n: int, *, single: bool = True, start: int = 0, world: ShapesWorld | None = None):
+    """Held-out images (seed HELDOUT_SEED) of `world` (default: all of ShapesWorld); `single`: one shape each, so
+    colour and shape have one true answer."""
+    world = world or ShapesWorld()
+    if single:
+        world = dataclasses.replace(world, two_shape_prob=0.0)
     return world.sample(n, seed=HELDOUT_SEED, start=start)
+
+
+def sub_world(hold_out: Sequence[str] = ()) -> ShapesWorld:
+    """ShapesWorld without the colours and shapes named in `hold_out` (e.g. ("purple", "star")): a model trained on
+    it has never seen them, so images showing them are truly out of its distribution."""
+    unknown = set(hold_out) - set(LABELS)
+    if unknown:
+        raise ValueError(f"cannot hold out {sorted(unknown)}: name colours {COLOURS} or shapes {SHAPES}")
+    colours = tuple(c for c in COLOURS if c not in hold_out)
+    shapes = tuple(s for s in SHAPES if s not in hold_out)
+    if not colours or not shapes:
+        raise ValueError(f"holding out {tuple(hold_out)} leaves no colour or no shape to train on")
+    return ShapesWorld(colours=colours, shapes=shapes)
 
 
 # ---------------------------------------------------------------- ViT
@@ -114,17 +133,20 @@ def _fit(model: nn.Module, n: int, batch_loss, *, epochs: int, batch_size: int, 
 
 
 def train_vit(out: str | Path, *, n_train: int = 12000, epochs: int = 12, batch_size: int = 128, lr: float = 2e-3,
-              seed: int = 0, log=print) -> dict:
-    """Train the ViT on presence labels and save it (safetensors + config.json); returns held-out metrics."""
+              seed: int = 0, hold_out: Sequence[str] = (), log=print) -> dict:
+    """Train the ViT on presence labels and save it (safetensors + config.json); returns held-out metrics.
+    `hold_out`: colours and shapes never shown in training (`sub_world`); the head keeps all 11 outputs, and the
+    held-out metrics are measured on the same sub-world."""
     from safetensors.torch import save_file
     torch.manual_seed(seed)
-    images, labels, _ = ShapesWorld().sample(n_train, seed=TRAIN_SEED)
+    world = sub_world(hold_out) if hold_out else ShapesWorld()
+    images, labels, _ = world.sample(n_train, seed=TRAIN_SEED)
     x, y = to_tensor(images), presence(labels)
     model = build_vit()
     started = time.perf_counter()
     _fit(model, len(x), lambda batch: F.binary_cross_entropy_with_logits(model(_augment(x[batch])), y[batch]),
          epochs=epochs, batch_size=batch_size, lr=lr, log=log, name="vit")
-    metrics = vit_accuracy(model)
+    metrics = vit_accuracy(model, world=world)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
@@ -133,13 +155,16 @@ def train_vit(out: str | Path, *, n_train: int = 12000, epochs: int = 12, batch_
         "input": "float (n, 3, 32, 32) in [-1, 1] (sae_guard.shapes.to_tensor)",
         "training": {"n_train": n_train, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                      "train_seed": TRAIN_SEED, "seconds": round(time.perf_counter() - started)},
+        **({"held_out": {"colours": [c for c in COLOURS if c not in world.colours],
+                         "shapes": [s for s in SHAPES if s not in world.shapes]}} if hold_out else {}),
         "heldout": metrics}, indent=2) + "\n")
     return metrics
 
 
-def vit_accuracy(model, n: int = 1000) -> dict:
-    """Held-out single-shape images: accuracy of the arg-max colour and arg-max shape."""
-    images, labels, _ = heldout_images(n)
+def vit_accuracy(model, n: int = 1000, world: ShapesWorld | None = None) -> dict:
+    """Held-out single-shape images of `world` (default: all of ShapesWorld): accuracy of the arg-max colour and
+    arg-max shape."""
+    images, labels, _ = heldout_images(n, world=world)
     with torch.no_grad():
         logits = model(to_tensor(images))
     colour = logits[:, :len(COLOURS)].argmax(1)
@@ -263,7 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hold-out", nargs="+", default=(), metavar="NAME",
+                        help="vit only: colours and shapes never shown in training (e.g. purple star)")
     args = parser.parse_args(argv)
+    if args.hold_out and args.model != "vit":
+        parser.error("--hold-out applies to the vit only")
     torch.set_num_threads(1)
     train = train_vit if args.model == "vit" else train_clip
     kwargs = {"seed": args.seed}
@@ -271,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         kwargs["n_train"] = args.n_train
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
+    if args.hold_out:
+        kwargs["hold_out"] = tuple(args.hold_out)
     print(json.dumps(train(args.out, **kwargs)))
 
 

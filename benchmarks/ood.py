@@ -1,0 +1,43 @@
+"""OOD detection with SAE features against MSP, energy, Mahalanobis and KNN, per model and split.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/ood.py [--model shapes-vit efficientnet] [--n 200] [--json F]
+
+For each model (see `sae_guard.ood_benchmark`): a TopK SAE trained on in-distribution fit images only, every score
+fitted on the same images, the best SAE score chosen on validation sets, then AUROC and FPR95 per test split (ID test
+images, never used to fit, as negatives), the average over splits, and a PASS/FAIL line per goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from sae_guard.ood_benchmark import MODELS, goal_lines, markdown, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--n", type=int, default=200, help="images per split (ID test and each OOD split)")
+    ap.add_argument("--json", help="write every result here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results = []
+    for model in args.model:
+        started = time.time()
+        result = run(model, n=args.n, progress=sys.stderr.isatty(), log=lambda line: print(line, flush=True))
+        print(markdown(result))
+        print(f"{model}: {time.time() - started:.0f}s\n", flush=True)
+        results.append(result)
+    print("\n".join(line for result in results for line in [f"[{result['model']}]"] + goal_lines(result)))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Out-of-distribution detection with SAE features, beside the usual baselines, in one table.
+
+    detector = OODDetector(vit, sae, "blocks.2").fit(id_images)      # in-distribution images only
+    scores = detector.score(new_images)                              # {method: (n,) tensor}, higher = more OOD
+
+Why SAE scores: an SAE trained on in-distribution activations has learned a dictionary of what that distribution
+contains. An input the model has not been trained for either reconstructs badly (the SAE has no atoms for it) or
+is written with atoms that are rare in-distribution, or with an unusual mixture of them. Each is one score:
+
+- `sae_error`: reconstruction error relative to the token's norm, mean over an image's tokens (`_max`: the worst);
+- `sae_rarity`: -log of the in-distribution firing frequency of each active latent, averaged over the active
+  latents and the tokens (rare-latent mass; `_max`: the rarest token);
+- `sae_profile`: L1 distance between the image's latent firing profile (share of its tokens each latent fires on)
+  and the in-distribution profile;
+- `sae_knn`: cosine distance to the k-th nearest in-distribution image in the pooled SAE code space;
+- `sae_mahalanobis`: Mahalanobis distance of the pooled SAE code (mean over tokens) to one Gaussian fitted on the
+  in-distribution pooled codes.
+
+Baselines, on the model's own outputs: `msp` (1 - max softmax probability; Hendrycks & Gimpel 2017), `energy`
+(-logsumexp of the logits; Liu et al. 2020), `mahalanobis` (distance of the pre-logit features to one Gaussian fitted
+in-distribution, shrunk covariance: the models here have no class labels for the ID set) and `knn` (cosine distance
+to the k-th nearest in-distribution pre-logit feature; Sun et al. 2022).
+
+Images reach the model through `VisionAdapter.pixels` (PIL images through the model's own preprocessing, or
+preprocessed tensors). The model must be a timm classifier (`forward_features` / `forward_head`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters.vision import VisionAdapter
+from .hooks.capture import eval_mode
+from .hooks.hookpoints import find_hookpoint, hook_site
+from .sae import SAE
+
+SAE_SCORES = ("sae_error", "sae_error_max", "sae_rarity", "sae_rarity_max", "sae_profile", "sae_knn",
+              "sae_mahalanobis")
+BASELINES = ("msp", "energy", "mahalanobis", "knn")
+METHODS = SAE_SCORES + BASELINES
+
+
+class NotFittedError(RuntimeError):
+    """`score` was called before `fit`."""
+
+
+# ---------------------------------------------------------------------------------------------- free score functions
+def relative_error(x: Tensor, reconstruction: Tensor) -> Tensor:
+    """(n, tokens) squared reconstruction error over the token's squared norm."""
+    return (x - reconstruction).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-8)
+
+
+def rarity(codes: Tensor, log_frequency: Tensor) -> Tensor:
+    """(n, tokens) mean -log in-distribution firing frequency of the latents active on each token (0: none active)."""
+    active = codes > 0
+    return (active.float() @ -log_frequency) / active.sum(-1).clamp_min(1)
+
+
+def profile_distance(codes: Tensor, reference_profile: Tensor) -> Tensor:
+    """(n,) L1 distance of each image's firing profile (share of its tokens each latent fires on) to the ID one."""
+    return ((codes > 0).float().mean(1) - reference_profile).abs().sum(-1)
+
+
+def kth_neighbour_distance(features: Tensor, bank: Tensor, k: int) -> Tensor:
+    """(n,) cosine distance of each feature to its k-th nearest row of `bank` (rows of `bank` unit-normalised)."""
+    similarity = F.normalize(features, dim=-1) @ bank.T
+    return 1 - similarity.topk(min(k, bank.shape[0]), dim=-1).values[:, -1]
+
+
+def mahalanobis(features: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
+    """(n,) squared Mahalanobis distance to one Gaussian."""
+    centred = features - mean
+    return ((centred @ precision) * centred).sum(-1)
+
+
+def gaussian(features: Tensor, shrinkage: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Mean and precision of one Gaussian fitted to (n, d) features, the covariance shrunk towards its mean variance
+    (the ID sets here are small next to the width, so the raw covariance is singular)."""
+    mean = features.mean(0)
+    covariance = torch.cov((features - mean).T.double()).reshape(features.shape[1], features.shape[1])
+    ridge = shrinkage * covariance.diagonal().mean().clamp_min(1e-12)
+    precision = torch.linalg.inv(covariance + ridge * torch.eye(len(covariance), dtype=covariance.dtype))
+    return mean, precision.float()
+
+
+def max_softmax(logits: Tensor) -> Tensor:
+    """(n,) 1 - the largest softmax probability (confident predictions are in-distribution)."""
+    return 1 - logits.softmax(-1).max(-1).values
+
+
+def energy(logits: Tensor) -> Tensor:
+    """(n,) -logsumexp of the logits."""
+    return -torch.logsumexp(logits, -1)
+
+
+# ---------------------------------------------------------------------------------------------- the detector
+class OODDetector:
+    """Fit on in-distribution images, then score new ones with every method (higher = more out-of-distribution)."""
+
+    def __init__(self, model: nn.Module, sae: SAE, hookpoint: str, *, k_neighbours: int = 10,
+                 batch_size: int = 64, preprocess: Callable[[Any], Tensor] | None = None) -> None:
+        if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+            raise ValueError(f"{type(model).__name__} is not a timm classifier (no forward_features/forward_head); "
+                             "OODDetector needs its logits and pre-logit features for the baselines")
+        if k_neighbours < 1 or batch_size < 1:
+            raise ValueError(f"k_neighbours and batch_size must be positive, got {k_neighbours} and {batch_size}")
+        self.model, self.sae, self.k = model, sae, k_neighbours
+        self.batch_size = batch_size
+        self.adapter = VisionAdapter(model, preprocess=preprocess)
+        self.point = find_hookpoint(model, hookpoint)
+        width = self._hidden_width()
+        if width != sae.d_in:
+            raise ValueError(f"the SAE reads {sae.d_in}-d activations but {hookpoint!r} gives {width}-d ones: "
+                             "train or load an SAE on this hookpoint")
+        self.state: dict[str, Tensor] | None = None
+
+    def fit(self, images: Any) -> OODDetector:
+        """Record what every score needs from in-distribution images: firing frequencies and profile, the pooled-code
+        and feature banks for KNN, the feature mean and shrunk precision for Mahalanobis."""
+        pass_ = self._run(images)
+        codes, pre = pass_["codes"], pass_["pre_logits"]
+        fired = (codes > 0).float()
+        frequency = fired.mean((0, 1))
+        floor = 1.0 / (fired.shape[0] * fired.shape[1] + 1)
+        pooled = codes.mean(1)
+        mean, precision = gaussian(pre)
+        code_mean, code_precision = gaussian(pooled)
+        self.state = {"log_frequency": frequency.clamp_min(floor).log(), "profile": fired.mean(1).mean(0),
+                      "code_bank": F.normalize(pooled, dim=-1), "feature_bank": F.normalize(pre, dim=-1),
+                      "mean": mean, "precision": precision, "code_mean": code_mean, "code_precision": code_precision}
+        return self
+
+    def score(self, images: Any) -> dict[str, Tensor]:
+        """{method: (n,) scores} for every method in `METHODS`, higher = more out-of-distribution."""
+        if self.state is None:
+            raise NotFittedError("the detector is not fitted: call .fit(in_distribution_images) first")
+        s = self.state
+        run = self._run(images)
+        codes, hidden, recon = run["codes"], run["hidden"], run["reconstruction"]
+        error, rare = relative_error(hidden, recon), rarity(codes, s["log_frequency"])
+        return {
+            "sae_error": error.mean(1), "sae_error_max": error.max(1).values,
+            "sae_rarity": rare.mean(1), "sae_rarity_max": rare.max(1).values,
+            "sae_profile": profile_distance(codes, s["profile"]),
+            "sae_knn": kth_neighbour_distance(codes.mean(1), s["code_bank"], self.k),
+            "sae_mahalanobis": mahalanobis(codes.mean(1), s["code_mean"], s["code_precision"]),
+            "msp": max_softmax(run["logits"]), "energy": energy(run["logits"]),
+            "mahalanobis": mahalanobis(run["pre_logits"], s["mean"], s["precision"]),
+            "knn": kth_neighbour_distance(run["pre_logits"], s["feature_bank"], self.k),
+        }
+
+    # ------------------------------------------------------------------ one pass over images
+    def _run(self, images: Any) -> dict[str, Tensor]:
+        """Hidden tokens at the hookpoint, their SAE codes and reconstructions, logits and pre-logit features."""
+        batches = _batches(images, self.batch_size)
+        if not batches:
+            raise ValueError("no images given: pass a non-empty list of PIL images or image tensors")
+        parts: dict[str, list[Tensor]] = {}
+        for batch in batches:
+            for name, value in self._forward(self.adapter.pixels(batch)).items():
+                parts.setdefault(name, []).append(value)
+        return {name: torch.cat(values) for name, values in parts.items()}
+
+    @torch.no_grad()
+    def _forward(self, pixels: Tensor) -> dict[str, Tensor]:
+        captured: list[Tensor] = []
+        handle = hook_site(self.point, lambda hidden: captured.append(hidden), prepend=False)
+        try:
+            with eval_mode(self.model):
+                features = self.model.forward_features(pixels)
+                logits = self.model.forward_head(features)
+                pre_logits = self.model.forward_head(features, pre_logits=True)
+        finally:
+            handle.remove()
+        hidden = as_tokens(captured[0]).float()
+        codes = self.sae.encode(hidden)
+        return {"hidden": hidden, "codes": codes, "reconstruction": self.sae.decode(codes), "logits": logits.float(),
+                "pre_logits": pre_logits.float().flatten(1)}
+
+    @torch.no_grad()
+    def _hidden_width(self) -> int:
+        from .hooks.capture import capture_hidden  # noqa: PLC0415
+
+        return as_tokens(capture_hidden(self.point, self.adapter.pixels(self.adapter.probe_inputs()))).shape[-1]
+
+
+def as_tokens(hidden: Tensor) -> Tensor:
+    """(batch, tokens, d) from a ViT's tokens or a CNN's (batch, channels, height, width) map (positions as tokens)."""
+    if hidden.ndim == 4:
+        return hidden.flatten(2).transpose(1, 2)
+    if hidden.ndim != 3:
+        raise ValueError(f"the hookpoint gives shape {tuple(hidden.shape)}; expected (batch, tokens, d) or a "
+                         "(batch, channels, height, width) feature map")
+    return hidden
+
+
+def harvest_tokens(model: nn.Module, hookpoint: str, images: Any, *, batch_size: int = 64,
+                   preprocess: Callable[[Any], Tensor] | None = None) -> Tensor:
+    """(n_images * tokens, d) activations of `images` at `hookpoint`, through the vision adapter's preprocessing:
+    what an OOD SAE is trained on."""
+    from .hooks.capture import capture_hidden  # noqa: PLC0415
+
+    adapter, point = VisionAdapter(model, preprocess=preprocess), find_hookpoint(model, hookpoint)
+    batches = _batches(images, batch_size)
+    if not batches:
+        raise ValueError("no images given: pass a non-empty list of PIL images or image tensors")
+    chunks = [as_tokens(capture_hidden(point, adapter.pixels(batch))).float() for batch in batches]
+    return torch.cat(chunks).flatten(0, 1)
+
+
+def train_ood_sae(model: nn.Module, hookpoint: str, images: Any, *, d_sae: int, k: int, tokens: int,
+                  seed: int = 0, progress: bool = False) -> tuple[SAE, dict]:
+    """A TopK SAE trained on the in-distribution images' tokens at `hookpoint` only; returns it (eval mode) and its
+    training figures."""
+    from .train import train  # noqa: PLC0415
+
+    acts = harvest_tokens(model, hookpoint, images)
+    torch.manual_seed(seed)
+    sae, figures = train(SAE.create("topk", d_in=acts.shape[1], d_sae=d_sae, k=k), acts, tokens=tokens,
+                         batch_size=min(1024, len(acts)), seed=seed, progress=progress)
+    return sae.eval(), figures
+
+
+def _batches(images: Any, size: int) -> list[Any]:
+    if isinstance(images, Tensor):
+        if images.ndim == 3:
+            images = images[None]
+        return [images[i:i + size] for i in range(0, len(images), size)]
+    if images is None or not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+        raise TypeError(f"images must be a list of PIL images or image tensors, or a (B, 3, H, W) tensor; got "
+                        f"{type(images).__name__}")
+    return [list(images[i:i + size]) for i in range(0, len(images), size)]

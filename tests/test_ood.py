@@ -1,0 +1,165 @@
+"""OOD detection: the detector on a case whose truth is obvious, its errors, the splits and the held-out ViT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sae_guard import SAE
+from sae_guard.analysis.scores import auroc, fpr_at_tpr
+from sae_guard.ood import METHODS, NotFittedError, OODDetector, harvest_tokens, train_ood_sae
+from sae_guard.shapes.ood_splits import (held_out_images, noise_images, photo_crops, texture_images,
+                                         textured_background_images)
+from sae_guard.shapes.vision import heldout_images, load_vit, sub_world, train_vit
+from sae_guard.shapes.world import ShapesWorld, to_tensor
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return load_vit()
+
+
+@pytest.fixture(scope="module")
+def fitted(vit):
+    """A small SAE on the shipped ViT's blocks.2 tokens of 120 ShapesWorld images, and a detector fitted on them."""
+    fit = to_tensor(ShapesWorld().sample(120, seed=5)[0])
+    sae, figures = train_ood_sae(vit, "blocks.2", fit, d_sae=128, k=8, tokens=150_000)
+    return OODDetector(vit, sae, "blocks.2").fit(fit), figures
+
+
+def test_noise_is_far_out_of_distribution_for_the_sae_reconstruction_and_code_scores(fitted):
+    detector, figures = fitted
+    assert figures["fvu"] < 0.3
+    inside = detector.score(to_tensor(ShapesWorld().sample(60, seed=6)[0]))
+    noise = detector.score(to_tensor(noise_images(60, 32, seed=0)))
+    labels = torch.cat([torch.zeros(60), torch.ones(60)])
+    for method in ("sae_error", "sae_error_max", "sae_knn"):
+        values = torch.cat([inside[method], noise[method]])
+        assert auroc(values, labels) > 0.9, method
+    assert fpr_at_tpr(torch.cat([inside["sae_error"], noise["sae_error"]]), labels) < 0.2
+
+
+def test_scores_cover_every_method_one_value_per_image_and_do_not_depend_on_the_batch(fitted):
+    detector, _ = fitted
+    images = to_tensor(ShapesWorld().sample(5, seed=7)[0])
+    together = detector.score(images)
+    alone = detector.score(images[2:3])
+    assert set(together) == set(METHODS)
+    for method, values in together.items():
+        assert values.shape == (5,) and torch.isfinite(values).all(), method
+        torch.testing.assert_close(values[2:3], alone[method], rtol=1e-4, atol=1e-5)
+
+
+def test_pil_images_go_through_the_models_preprocessing(fitted):
+    from PIL import Image
+
+    detector, _ = fitted
+    images = [Image.fromarray(p) for p in ShapesWorld().sample(3, seed=8)[0]]
+    from_pil = detector.score(images)["sae_error"]
+    preprocessed = torch.stack([detector.adapter.preprocess(image) for image in images])
+    torch.testing.assert_close(from_pil, detector.score(preprocessed)["sae_error"])
+
+
+def test_bad_input_is_refused_with_a_clear_error(vit, fitted):
+    detector, _ = fitted
+    sae = detector.sae
+    with pytest.raises(NotFittedError, match="call .fit"):
+        OODDetector(vit, sae, "blocks.2").score(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="reads 64-d activations but 'blocks.2' gives 96-d"):
+        OODDetector(vit, SAE.create("topk", d_in=64, d_sae=32, k=4), "blocks.2")
+    with pytest.raises(ValueError, match="no images given"):
+        detector.score([])
+    with pytest.raises(ValueError, match="no images given"):
+        harvest_tokens(vit, "blocks.2", [])
+    with pytest.raises(ValueError, match="not a timm classifier"):
+        OODDetector(torch.nn.Linear(3, 3), sae, "blocks.2")
+    with pytest.raises(ValueError, match="images of size"):
+        detector.score(torch.zeros(2, 3, 16, 16))
+
+
+def test_splits_are_deterministic_and_show_what_they_promise():
+    world = sub_world(("purple", "star"))
+    assert "purple" not in world.colours and "star" not in world.shapes
+    purple = held_out_images(world, 4, seed=1, colours=("purple",))
+    np.testing.assert_array_equal(purple, held_out_images(world, 4, seed=1, colours=("purple",)))
+    scenes = [dict(ShapesWorld(colours=("purple",), shapes=world.shapes).scene(1, i)) for i in range(4)]
+    assert all(s["colour"] == "purple" and s["shape"] != "star" for scene in scenes for s in scene["shapes"])
+    textured = textured_background_images(world, 6, seed=2)
+    plain = world.sample(6, seed=2)[0]
+    assert textured.shape == plain.shape == (6, 32, 32, 3)
+    corner = textured[:, 0, 0].astype(int)  # the corner is background: now a texture, no longer black/white/grey
+    assert (corner.max(1) - corner.min(1) > 0).any()
+    assert not np.array_equal(textured, plain)
+    np.testing.assert_array_equal(texture_images(3, 32, seed=0), texture_images(3, 32, seed=0))
+    assert noise_images(2, 32, seed=0).dtype == np.uint8
+    photos = photo_crops(("astronaut", "camera"), 2, 48, seed=0)
+    assert photos.shape == (4, 48, 48, 3)
+    with pytest.raises(ValueError, match="unknown photographs"):
+        photo_crops(("nope",), 1, 32, seed=0)
+    with pytest.raises(ValueError, match="name the held-out"):
+        held_out_images(world, 1, seed=0)
+
+
+def test_sub_world_rejects_unknown_or_everything():
+    with pytest.raises(ValueError, match="cannot hold out"):
+        sub_world(("magenta",))
+    with pytest.raises(ValueError, match="leaves no colour"):
+        sub_world(("red", "orange", "yellow", "green", "blue", "purple"))
+
+
+def test_default_heldout_images_are_unchanged_by_the_world_argument():
+    images, labels, _ = heldout_images(4)
+    expected, expected_labels, _ = ShapesWorld(two_shape_prob=0.0).sample(4, seed=2000)
+    np.testing.assert_array_equal(images, expected)
+    assert labels == expected_labels
+
+
+def test_train_vit_holding_out_records_it_and_never_shows_it(tmp_path):
+    metrics = train_vit(tmp_path, n_train=128, epochs=1, batch_size=64, hold_out=("purple", "star"), log=lambda _: None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["held_out"] == {"colours": ["purple"], "shapes": ["star"]}
+    assert set(metrics) == {"n", "colour", "shape"}
+    assert load_vit(tmp_path)(torch.zeros(1, 3, 32, 32)).shape == (1, 11)
+
+
+def test_shipped_ood_vit_was_trained_without_its_held_out_colour_and_shape():
+    from sae_guard.shapes.vision import ASSETS
+
+    config = json.loads((ASSETS / "shapes-vit-ood" / "config.json").read_text())
+    assert config["held_out"] == {"colours": ["purple"], "shapes": ["star"]}
+    assert config["heldout"]["colour"] > 0.95 and config["heldout"]["shape"] > 0.95
+
+
+def test_cli_model_list_matches_the_benchmark():
+    from sae_guard.ood_benchmark import MODELS
+    from sae_guard.ood_command import MODELS as CLI_MODELS
+
+    assert CLI_MODELS == MODELS
+
+
+def test_fpr_at_tpr_counts_negatives_above_the_positive_threshold():
+    scores = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0, 11.0])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    assert fpr_at_tpr(scores, labels) == 0.0
+    assert fpr_at_tpr(-scores, labels) == 1.0
+
+
+def test_cli_writes_the_report_and_refuses_too_few_images(tmp_path, capsys):
+    from sae_guard.cli import EXIT_USAGE, main
+
+    assert main(["ood", "--model", "shapes-vit", "--out", str(tmp_path), "--n", "3", "--quiet"]) == EXIT_USAGE
+    assert "at least 10" in capsys.readouterr().err
+    assert main(["ood", "--model", "shapes-vit", "--out", str(tmp_path), "--n", "12", "--quiet"]) == 0
+    report = json.loads((tmp_path / "ood-shapes-vit.json").read_text())
+    assert set(report["test"]) == {"held-out colour", "held-out shape", "textured background", "natural photos",
+                                   "noise"}
+    assert all(set(row) == set(METHODS) for row in report["test"].values())
+    assert report["goals"]["chosen_sae_score"].startswith("sae_")
+    table = (tmp_path / "ood-shapes-vit.md").read_text()
+    assert "| sae_error |" in table and "| mahalanobis |" in table and ("PASS" in table or "FAIL" in table)
+    page = (tmp_path / "ood-shapes-vit.html").read_text()
+    assert page.count("<tr>") == len(METHODS) + 1 and "<b>" in page
