@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/ood.py [--model shapes-vit efficientnet] [--n 200] [--json F]
 
-For each model (see `sae_guard.ood_benchmark`): a TopK SAE trained on in-distribution fit images only, every score
+For each model (see `sae_guard.ood.benchmark`): a TopK SAE trained on in-distribution fit images only, every score
 fitted on the same images, the best SAE score chosen on validation sets, then AUROC and FPR95 per test split (ID test
 images, never used to fit, as negatives), the average over splits, and a PASS/FAIL line per goal.
 """
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from sae_guard.ood_benchmark import MODELS, goal_lines, markdown, run
+from sae_guard.ood.benchmark import MODELS, goal_lines, markdown, run
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ it, the largest score kept (`Verdict.windows`). Both are counted in a note on st
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from contextlib import nullcontext
@@ -25,7 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ood_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 PROMPT_COLUMN_WIDTH = 60
@@ -340,18 +340,18 @@ def _recipe(name: str):
         raise UsageError(str(error)) from None
 
 
-def _erasure_command(name: str, help: str) -> Command:
-    """A command whose arguments and runner live in sae_guard.erasure.commands (`NAME_arguments`, `run_NAME`)."""
+def _lazy_command(package: str, name: str, help: str) -> Command:
+    """A command whose arguments and runner live in sae_guard.PACKAGE.commands (`NAME_arguments`, `run_NAME`),
+    imported only when the command is chosen or its --help is shown."""
+
+    def commands():
+        return importlib.import_module(f"sae_guard.{package}.commands")
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        from .erasure import commands
-
-        getattr(commands, f"{name}_arguments")(parser)
+        getattr(commands(), f"{name}_arguments")(parser)
 
     def run(args: argparse.Namespace) -> int:
-        from .erasure import commands
-
-        return getattr(commands, f"run_{name}")(args)
+        return getattr(commands(), f"run_{name}")(args)
 
     return Command(name, help, add_arguments, run)
 
@@ -363,11 +363,10 @@ COMMANDS = [
             _eval_arguments, _eval),
     Command("rec", "study a recommender recipe's SAE: ranking kept, concept dictionary, genre control, verdicts",
             _rec_arguments, _rec),
-    _erasure_command("demo", "erase a concept from the shipped ShapesWorld text-to-image model: report.html"),
-    _erasure_command("generate", "draw one image per prompt line with a text-to-image recipe, guarded"),
-    _erasure_command("bench", "run a benchmark suite (erasure: our gate against baselines, scored images)"),
-    Command("ood", "OOD detection with SAE features against MSP, energy, Mahalanobis, KNN: a report per model",
-            ood_command.ood_arguments, ood_command.run_ood),
+    _lazy_command("erasure", "demo", "erase a concept from the shipped ShapesWorld text-to-image model: report.html"),
+    _lazy_command("erasure", "generate", "draw one image per prompt line with a text-to-image recipe, guarded"),
+    _lazy_command("erasure", "bench", "run a benchmark suite (erasure: our gate against baselines, scored images)"),
+    _lazy_command("ood", "ood", "OOD detection with SAE features against MSP, energy, Mahalanobis, KNN: a report per model"),
 ]
 
 

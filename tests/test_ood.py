@@ -10,7 +10,8 @@ import torch
 
 from sae_guard import SAE
 from sae_guard.analysis.scores import auroc, fpr_at_tpr
-from sae_guard.ood import METHODS, NotFittedError, OODDetector, harvest_tokens, train_ood_sae
+from sae_guard.adapters.vision import harvest_tokens
+from sae_guard.ood.detector import METHODS, NotFittedError, OODDetector, train_ood_sae
 from sae_guard.shapes.ood_splits import (held_out_images, noise_images, photo_crops, texture_images,
                                          textured_background_images)
 from sae_guard.shapes.vision import heldout_images, load_vit, sub_world, train_vit
@@ -135,8 +136,8 @@ def test_shipped_ood_vit_was_trained_without_its_held_out_colour_and_shape():
 
 
 def test_cli_model_list_matches_the_benchmark():
-    from sae_guard.ood_benchmark import MODELS
-    from sae_guard.ood_command import MODELS as CLI_MODELS
+    from sae_guard.ood.benchmark import MODELS
+    from sae_guard.ood.commands import MODELS as CLI_MODELS
 
     assert CLI_MODELS == MODELS
 

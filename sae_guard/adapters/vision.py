@@ -282,7 +282,7 @@ def harvest_tokens(model: nn.Module, hookpoint: str, images: Any, *, batch_size:
     from ..hooks.hookpoints import find_hookpoint  # noqa: PLC0415
 
     adapter, point = VisionAdapter(model, preprocess=preprocess), find_hookpoint(model, hookpoint)
-    batches = _batches(images, batch_size)
+    batches = image_batches(images, batch_size)
     if not batches:
         raise ValueError("no images given: pass a non-empty list of PIL images or image tensors")
     chunks = [as_tokens(capture_hidden(point, adapter.pixels(batch).to(device_of(model), _dtype_of(model)))).float()
@@ -290,7 +290,8 @@ def harvest_tokens(model: nn.Module, hookpoint: str, images: Any, *, batch_size:
     return torch.cat(chunks).flatten(0, 1)
 
 
-def _batches(images: Any, size: int) -> list[Any]:
+def image_batches(images: Any, size: int) -> list[Any]:
+    """`images` (a list, or a (B, 3, H, W) tensor) in batches of `size`."""
     if isinstance(images, Tensor):
         if images.ndim == 3:
             images = images[None]

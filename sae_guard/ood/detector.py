@@ -27,17 +27,17 @@ preprocessed tensors). The model must be a timm classifier (`forward_features` /
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters.vision import VisionAdapter
-from .hooks.capture import eval_mode
-from .hooks.hookpoints import find_hookpoint, hook_site
-from .sae import SAE
+from ..adapters.vision import VisionAdapter, as_tokens, harvest_tokens, image_batches
+from ..hooks.capture import eval_mode
+from ..hooks.hookpoints import find_hookpoint, hook_site
+from ..sae import SAE
 
 SAE_SCORES = ("sae_error", "sae_error_max", "sae_rarity", "sae_rarity_max", "sae_profile", "sae_knn",
               "sae_mahalanobis")
@@ -157,7 +157,7 @@ class OODDetector:
     # ------------------------------------------------------------------ one pass over images
     def _run(self, images: Any) -> dict[str, Tensor]:
         """Hidden tokens at the hookpoint, their SAE codes and reconstructions, logits and pre-logit features."""
-        batches = _batches(images, self.batch_size)
+        batches = image_batches(images, self.batch_size)
         if not batches:
             raise ValueError("no images given: pass a non-empty list of PIL images or image tensors")
         parts: dict[str, list[Tensor]] = {}
@@ -184,54 +184,19 @@ class OODDetector:
 
     @torch.no_grad()
     def _hidden_width(self) -> int:
-        from .hooks.capture import capture_hidden  # noqa: PLC0415
+        from ..hooks.capture import capture_hidden  # noqa: PLC0415
 
         return as_tokens(capture_hidden(self.point, self.adapter.pixels(self.adapter.probe_inputs()))).shape[-1]
-
-
-def as_tokens(hidden: Tensor) -> Tensor:
-    """(batch, tokens, d) from a ViT's tokens or a CNN's (batch, channels, height, width) map (positions as tokens)."""
-    if hidden.ndim == 4:
-        return hidden.flatten(2).transpose(1, 2)
-    if hidden.ndim != 3:
-        raise ValueError(f"the hookpoint gives shape {tuple(hidden.shape)}; expected (batch, tokens, d) or a "
-                         "(batch, channels, height, width) feature map")
-    return hidden
-
-
-def harvest_tokens(model: nn.Module, hookpoint: str, images: Any, *, batch_size: int = 64,
-                   preprocess: Callable[[Any], Tensor] | None = None) -> Tensor:
-    """(n_images * tokens, d) activations of `images` at `hookpoint`, through the vision adapter's preprocessing:
-    what an OOD SAE is trained on."""
-    from .hooks.capture import capture_hidden  # noqa: PLC0415
-
-    adapter, point = VisionAdapter(model, preprocess=preprocess), find_hookpoint(model, hookpoint)
-    batches = _batches(images, batch_size)
-    if not batches:
-        raise ValueError("no images given: pass a non-empty list of PIL images or image tensors")
-    chunks = [as_tokens(capture_hidden(point, adapter.pixels(batch))).float() for batch in batches]
-    return torch.cat(chunks).flatten(0, 1)
 
 
 def train_ood_sae(model: nn.Module, hookpoint: str, images: Any, *, d_sae: int, k: int, tokens: int,
                   seed: int = 0, progress: bool = False) -> tuple[SAE, dict]:
     """A TopK SAE trained on the in-distribution images' tokens at `hookpoint` only; returns it (eval mode) and its
     training figures."""
-    from .train import train  # noqa: PLC0415
+    from ..train import train  # noqa: PLC0415
 
     acts = harvest_tokens(model, hookpoint, images)
     torch.manual_seed(seed)
     sae, figures = train(SAE.create("topk", d_in=acts.shape[1], d_sae=d_sae, k=k), acts, tokens=tokens,
                          batch_size=min(1024, len(acts)), seed=seed, progress=progress)
     return sae.eval(), figures
-
-
-def _batches(images: Any, size: int) -> list[Any]:
-    if isinstance(images, Tensor):
-        if images.ndim == 3:
-            images = images[None]
-        return [images[i:i + size] for i in range(0, len(images), size)]
-    if images is None or not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
-        raise TypeError(f"images must be a list of PIL images or image tensors, or a (B, 3, H, W) tensor; got "
-                        f"{type(images).__name__}")
-    return [list(images[i:i + size]) for i in range(0, len(images), size)]

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .analysis.scores import auroc, fpr_at_tpr
-from .ood import BASELINES, METHODS, SAE_SCORES, OODDetector, train_ood_sae
+from ..analysis.scores import auroc, fpr_at_tpr
+from .detector import BASELINES, METHODS, SAE_SCORES, OODDetector, train_ood_sae
 
 MODELS = ("shapes-vit", "efficientnet")
 TOLERANCE = 0.02  # the per-split goal: the best SAE score within this AUROC of the best method
@@ -34,10 +34,10 @@ TOLERANCE = 0.02  # the per-split goal: the best SAE score within this AUROC of 
 
 def shapes_vit_setup(n: int) -> dict[str, Any]:
     """The held-out-trained ShapesWorld ViT and its image sets ((n, 3, 32, 32) tensors in [-1, 1])."""
-    from .shapes.ood_splits import (FIT_PHOTOS, TEST_PHOTOS, VALIDATION_PHOTOS, held_out_images, noise_images,
+    from ..shapes.ood_splits import (FIT_PHOTOS, TEST_PHOTOS, VALIDATION_PHOTOS, held_out_images, noise_images,
                                     photo_crops, textured_background_images)
-    from .shapes.vision import ASSETS, TRAIN_SEED, load_vit, sub_world
-    from .shapes.world import to_tensor
+    from ..shapes.vision import ASSETS, TRAIN_SEED, load_vit, sub_world
+    from ..shapes.world import to_tensor
 
     directory = ASSETS / "shapes-vit-ood"
     held = json.loads((directory / "config.json").read_text())["held_out"]
@@ -63,10 +63,10 @@ def efficientnet_setup(n: int) -> dict[str, Any]:
     """EfficientNet-Lite0 (ImageNet) with photo crops as ID and synthetic OOD sets (PIL images, its preprocessing)."""
     from PIL import Image
 
-    from .adapters.efficientnet import efficientnet_lite0
-    from .shapes.ood_splits import (FIT_PHOTOS, PHOTOS, TEST_PHOTOS, VALIDATION_PHOTOS, noise_images, photo_crops,
+    from ..adapters.efficientnet import efficientnet_lite0
+    from ..shapes.ood_splits import (FIT_PHOTOS, PHOTOS, TEST_PHOTOS, VALIDATION_PHOTOS, noise_images, photo_crops,
                                     texture_images)
-    from .shapes.world import ShapesWorld
+    from ..shapes.world import ShapesWorld
 
     def pil(images: np.ndarray) -> list:
         return [Image.fromarray(image) for image in images]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-# sae_guard.ood_benchmark.MODELS (a test keeps them equal), repeated here so that --help loads no torch
+# sae_guard.ood.benchmark.MODELS (a test keeps them equal), repeated here so that --help loads no torch
 MODELS = ("shapes-vit", "efficientnet")
 
 
@@ -27,9 +27,9 @@ def run_ood(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .cli import UsageError
-    from .hooks.hookpoints import HookpointError
-    from .ood_benchmark import markdown, run, write_report
+    from ..cli import UsageError
+    from ..hooks.hookpoints import HookpointError
+    from .benchmark import markdown, run, write_report
 
     if args.n < 10:
         raise UsageError(f"--n {args.n}: use at least 10 images per split")
