@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ood_command
+from . import blindspots_command, ood_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 PROMPT_COLUMN_WIDTH = 60
@@ -368,6 +368,8 @@ COMMANDS = [
     _erasure_command("bench", "run a benchmark suite (erasure: our gate against baselines, scored images)"),
     Command("ood", "OOD detection with SAE features against MSP, energy, Mahalanobis, KNN: a report per model",
             ood_command.ood_arguments, ood_command.run_ood),
+    Command("blindspots", "concepts the ShapesWorld text-to-image model under- or over-draws (archetypal SAE on a ViT)",
+            blindspots_command.blindspots_arguments, blindspots_command.run_blindspots),
 ]
 
 
