@@ -208,16 +208,16 @@ def drawn(images: np.ndarray, labels: Sequence[dict]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ one variant
 def plant_figures(comparison: EnergyComparison, labels: Sequence[ConceptLabel], attribute: str) -> dict[str, Any]:
     """Where the concepts naming `attribute` fall in the suppressed ranking."""
-    members = [k for k, label in enumerate(labels) if mentions(label.name, attribute)]
-    ranks = comparison.rank_of(members)
+    members = {k for k, label in enumerate(labels) if mentions(label.name, attribute)}
+    ranks = comparison.rank_of(sorted(members))
     order = comparison.suppressed()
     ranked = torch.tensor(order)
-    is_member = torch.tensor([k in set(members) for k in order])
+    is_member = torch.tensor([k in members for k in order])
     top10 = order[:10]
     return {"attribute": attribute, "concepts": len(members), "ranked": len(ranks), "of": len(order),
             "ranks": ranks, "best_rank": ranks[0] if ranks else None,
             "median_rank": float(np.median(ranks)) if ranks else None,
-            "share_of_top10": sum(k in set(members) for k in top10) / max(1, len(top10)),
+            "share_of_top10": sum(k in members for k in top10) / max(1, len(top10)),
             "below_0.1": sum(comparison.delta[k].item() < SUPPRESSED for k in members if comparison.ranked[k]),
             "auroc": auroc(-comparison.delta[ranked].float(), is_member.float())
             if 0 < is_member.sum() < len(order) else None}
