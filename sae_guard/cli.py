@@ -367,6 +367,8 @@ COMMANDS = [
     _lazy_command("erasure", "generate", "draw one image per prompt line with a text-to-image recipe, guarded"),
     _lazy_command("erasure", "bench", "run a benchmark suite (erasure: our gate against baselines, scored images)"),
     _lazy_command("ood", "ood", "OOD detection with SAE features against MSP, energy, Mahalanobis, KNN: a report per model"),
+    _lazy_command("analysis", "blindspots",
+                  "concepts the ShapesWorld text-to-image model under- or over-draws (archetypal SAE on a ViT)"),
 ]
 
 
