@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 PROMPT_COLUMN_WIDTH = 60
 
@@ -112,10 +111,7 @@ def _classify(args: argparse.Namespace) -> int:
     if args.images is not None:
         return _classify_images(recipe, args)
     prompts = read_prompt_lines(args.prompts)
-    try:
-        g = recipes.load_guard(recipe, assets=args.assets, concepts=[c.name for c in recipe.concepts])
-    except (FileNotFoundError, recipes.RecipeError) as error:
-        raise UsageError(str(error)) from None
+    g = _classifier(recipe, args.assets)
     written = [p for p in prompts if p.strip()]
     try:
         with explaining(g.policies) if args.explain else nullcontext():
@@ -139,10 +135,18 @@ def _classify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _classifier(recipe, assets: str | None):
+    """The recipe's guard with every one of its concepts attached (a classifier reports them all)."""
+    from . import recipes
+
+    try:
+        return recipes.load_guard(recipe, assets=assets, concepts=[c.name for c in recipe.concepts])
+    except (FileNotFoundError, recipes.RecipeError) as error:
+        raise UsageError(str(error)) from None
+
+
 def _classify_images(recipe, args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
-
-    from . import recipes
 
     images = []
     for path in args.images:
@@ -152,10 +156,7 @@ def _classify_images(recipe, args: argparse.Namespace) -> int:
                 images.append(image)
         except (OSError, UnidentifiedImageError) as error:
             raise UsageError(f"--images {path}: not a readable image ({error})") from None
-    try:
-        g = recipes.load_guard(recipe, assets=args.assets, concepts=[c.name for c in recipe.concepts])
-    except (FileNotFoundError, recipes.RecipeError) as error:
-        raise UsageError(str(error)) from None
+    g = _classifier(recipe, args.assets)
     try:
         verdicts = g.classify(images, batch_size=args.batch_size)
     finally:

@@ -282,21 +282,22 @@ def harvest_tokens(model: nn.Module, hookpoint: str, images: Any, *, batch_size:
     from ..hooks.hookpoints import find_hookpoint  # noqa: PLC0415
 
     adapter, point = VisionAdapter(model, preprocess=preprocess), find_hookpoint(model, hookpoint)
-    batches = image_batches(images, batch_size)
-    if not batches:
-        raise ValueError("no images given: pass a non-empty list of PIL images or image tensors")
-    chunks = [as_tokens(capture_hidden(point, adapter.pixels(batch).to(device_of(model), _dtype_of(model)))).float()
-              for batch in batches]
+    chunks = [as_tokens(capture_hidden(point, *adapter.prepare(model, batch).args)).float()
+              for batch in image_batches(images, batch_size)]
     return torch.cat(chunks).flatten(0, 1)
 
 
 def image_batches(images: Any, size: int) -> list[Any]:
-    """`images` (a list, or a (B, 3, H, W) tensor) in batches of `size`."""
+    """`images` (a list, or a (B, 3, H, W) tensor) in batches of `size`; none at all is refused."""
     if isinstance(images, Tensor):
         if images.ndim == 3:
             images = images[None]
-        return [images[i:i + size] for i in range(0, len(images), size)]
-    if images is None or not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+        batches = [images[i:i + size] for i in range(0, len(images), size)]
+    elif images is None or not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
         raise TypeError(f"images must be a list of PIL images or image tensors, or a (B, 3, H, W) tensor; got "
                         f"{type(images).__name__}")
-    return [list(images[i:i + size]) for i in range(0, len(images), size)]
+    else:
+        batches = [list(images[i:i + size]) for i in range(0, len(images), size)]
+    if not batches:
+        raise ValueError("no images given: pass a non-empty list of PIL images or image tensors")
+    return batches

@@ -157,11 +157,8 @@ class OODDetector:
     # ------------------------------------------------------------------ one pass over images
     def _run(self, images: Any) -> dict[str, Tensor]:
         """Hidden tokens at the hookpoint, their SAE codes and reconstructions, logits and pre-logit features."""
-        batches = image_batches(images, self.batch_size)
-        if not batches:
-            raise ValueError("no images given: pass a non-empty list of PIL images or image tensors")
         parts: dict[str, list[Tensor]] = {}
-        for batch in batches:
+        for batch in image_batches(images, self.batch_size):
             for name, value in self._forward(self.adapter.pixels(batch)).items():
                 parts.setdefault(name, []).append(value)
         return {name: torch.cat(values) for name, values in parts.items()}
