@@ -41,6 +41,7 @@ from ..hooks.capture import capture_hidden
 from ..hooks.hookpoints import find_hookpoint
 from ..sae.base import SAE
 from ..sae.metrics import evaluate
+from ..shapes.t2i_eval import to_uint8
 from ..shapes.world import COLOURS, SHAPES, ShapesWorld, caption, to_tensor
 from .blindspots import (EXAGGERATED, SUPPRESSED, EnergyComparison, ConceptLabel, attribute_delta, attributes,
                          compare, image_energy, label_concepts, mentions, nearest_real, pair_difference, spearman)
@@ -145,10 +146,6 @@ def pair_captions(labels: Sequence[dict], captions: Sequence[str], pair: str, sw
     return out, changed
 
 
-def _uint8(images: np.ndarray) -> np.ndarray:
-    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
 def draw_variants(captions: list[str], labels: Sequence[dict], cfg: StudyConfig,
                   log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """uint8 images per variant ("shipped", then each plant), image i from seed recipe seed + i."""
@@ -162,7 +159,7 @@ def draw_variants(captions: list[str], labels: Sequence[dict], cfg: StudyConfig,
     settings = t2i.settings if cfg.steps is None else replace(t2i.settings, steps=cfg.steps)
     seeds = [t2i.seed + i for i in range(len(captions))]
     log(f"drawing {len(captions)} captions with the shipped model ({settings.steps} steps, {settings.image_size}px)")
-    shipped = _uint8(Unguarded().generate(pipe, captions, seeds, settings).images)
+    shipped = to_uint8(Unguarded().generate(pipe, captions, seeds, settings).images)
     variants = {"shipped": {"images": shipped, "how": "the shipped model"}}
     for name in cfg.plant:
         if plant_kind(name) == "concept":
@@ -170,7 +167,7 @@ def draw_variants(captions: list[str], labels: Sequence[dict], cfg: StudyConfig,
             stage = t2i.unet_stage_for(concepts)
             log(f"drawing with `{name}` gated (the shapes recipe's guard: {t2i.edit.mode} {t2i.edit.strength:g})")
             gated = Gate(t2i.sae, concepts, t2i.hookpoint, t2i.edit, stage).generate(pipe, captions, seeds, settings)
-            variants[name] = {"images": _uint8(gated.images), "flagged": int(sum(gated.flagged)),
+            variants[name] = {"images": to_uint8(gated.images), "flagged": int(sum(gated.flagged)),
                               "how": f"the shipped model behind the shapes recipe's gate on `{name}`"}
         else:
             swapped, changed = pair_captions(labels, captions, name, cfg.pair_swap, EVAL_SEED)
@@ -178,7 +175,7 @@ def draw_variants(captions: list[str], labels: Sequence[dict], cfg: StudyConfig,
             swap = cfg.pair_swap[name.split(' ')[1]]
             log(f"drawing {len(changed)} captions naming `{name}` as {name.split(' ')[0]} {swap}s")
             if changed:
-                images[changed] = _uint8(draw(pipe, [swapped[i] for i in changed], [seeds[i] for i in changed],
+                images[changed] = to_uint8(draw(pipe, [swapped[i] for i in changed], [seeds[i] for i in changed],
                                               settings, desc=name))
             variants[name] = {"images": images, "changed": len(changed),
                               "how": f"never draws a {name}: captions naming it re-captioned with a {swap}"}

@@ -35,11 +35,11 @@ def generate(pipe, prompts: list[str], steps: int = 20, guidance_scale: float = 
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
         images = pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
                       output_type="np", **call_kwargs).images
-        chunks.append(_uint8(images))
+        chunks.append(to_uint8(images))
     return np.concatenate(chunks)
 
 
-def _uint8(images: np.ndarray) -> np.ndarray:
+def to_uint8(images: np.ndarray) -> np.ndarray:
     """The pipeline's float images in [0, 1] as the uint8 pixels the scorers read."""
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
@@ -85,6 +85,6 @@ def vae_roundtrip(pipe, n: int = 300, caption_set: str = "heldout", seed: int = 
     images = to_tensor(pixels).to(vae.device, vae.dtype)
     decoded = torch.cat([vae.decode(vae.encode(images[i:i + 100]).latent_dist.mean).sample
                          for i in range(0, n, 100)])
-    back = _uint8(pipe.image_processor.postprocess(decoded.float(), output_type="np"))
+    back = to_uint8(pipe.image_processor.postprocess(decoded.float(), output_type="np"))
     right = _colour_right([colours_present(image) for image in back], [label["shapes"][0] for label in labels])
     return {"vae_colour_right": round(float(right.mean()), 4)}
