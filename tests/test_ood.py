@@ -11,7 +11,8 @@ import torch
 from sae_guard import SAE
 from sae_guard.analysis.scores import auroc, fpr_at_tpr
 from sae_guard.adapters.vision import harvest_tokens
-from sae_guard.ood.detector import METHODS, NotFittedError, OODDetector, train_ood_sae
+from sae_guard.ood.detector import (METHODS, NotFittedError, OODDetector, grouped_gaussians, leading_pair,
+                                    nearest_mahalanobis, train_ood_sae)
 from sae_guard.shapes.ood_splits import (held_out_images, noise_images, photo_crops, texture_images,
                                          textured_background_images)
 from sae_guard.shapes.vision import heldout_images, load_vit, sub_world, train_vit
@@ -42,6 +43,33 @@ def test_noise_is_far_out_of_distribution_for_the_sae_reconstruction_and_code_sc
         values = torch.cat([inside[method], noise[method]])
         assert auroc(values, labels) > 0.9, method
     assert fpr_at_tpr(torch.cat([inside["sae_error"], noise["sae_error"]]), labels) < 0.2
+
+
+def test_grouped_gaussians_separate_modes_that_one_gaussian_blurs_together():
+    """Two tight clusters: a point halfway between them is typical for one Gaussian over both, but far from each
+    cluster's own mean under the shared within-group covariance."""
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.randn(200, 2, generator=g) * 0.1 - 3, torch.randn(200, 2, generator=g) * 0.1 + 3
+    features, groups = torch.cat([left, right]), torch.cat([torch.zeros(200), torch.ones(200)]).long()
+    means, precision = grouped_gaussians(features, groups * 7 + 5)  # any labels: only the grouping counts
+    torch.testing.assert_close(means, torch.stack([left.mean(0), right.mean(0)]))
+    middle, member = torch.zeros(1, 2), left[:1]
+    assert nearest_mahalanobis(middle, means, precision) > 100 * nearest_mahalanobis(member, means, precision)
+
+
+def test_leading_pair_names_the_unordered_pair_of_the_two_most_active_latents():
+    codes = torch.tensor([[0.0, 3.0, 1.0, 2.0], [0.0, 2.0, 1.0, 3.0], [5.0, 0.0, 4.0, 0.0]])
+    pairs = leading_pair(codes)
+    assert pairs[0] == pairs[1] != pairs[2] and pairs[2] == 0 * 4 + 2
+
+
+def test_fused_score_is_standardised_on_images_its_statistics_did_not_see(fitted):
+    """New in-distribution images sit near 0 on the fused scale (a sum of two standardised scores), noise far above;
+    scored against statistics that include them, the fit images would sit well below 0."""
+    detector, _ = fitted
+    inside = detector.score(to_tensor(ShapesWorld().sample(60, seed=9)[0]))["sae_fused"]
+    noise = detector.score(to_tensor(noise_images(20, 32, seed=1)))["sae_fused"]
+    assert abs(inside.median().item()) < 1.5 and noise.min() > inside.max()
 
 
 def test_scores_cover_every_method_one_value_per_image_and_do_not_depend_on_the_batch(fitted):
