@@ -1,6 +1,7 @@
 """OOD detection with SAE features against MSP, energy, Mahalanobis and KNN, per model and split.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/ood.py [--model shapes-vit efficientnet] [--n 200] [--json F]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/ood.py [--model shapes-vit efficientnet] [--n 200]
+                                                                [--shrinkage S] [--json F]
 
 For each model (see `sae_guard.ood.benchmark`): a TopK SAE trained on in-distribution fit images only, every score
 fitted on the same images, the best SAE score chosen on validation sets, then AUROC and FPR95 per test split (ID test
@@ -17,20 +18,26 @@ import time
 import torch
 
 from sae_guard.ood.benchmark import MODELS, goal_lines, markdown, run
+from sae_guard.ood.detector import SHRINKAGE
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--n", type=int, default=200, help="images per split (ID test and each OOD split)")
+    ap.add_argument("--shrinkage", type=float, default=SHRINKAGE, help="every Gaussian's covariance shrinkage")
     ap.add_argument("--json", help="write every result here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = []
     for model in args.model:
         started = time.time()
-        result = run(model, n=args.n, progress=sys.stderr.isatty(), log=lambda line: print(line, flush=True))
+        result = run(model, n=args.n, shrinkage=args.shrinkage, progress=sys.stderr.isatty(),
+                     log=lambda line: print(line, flush=True))
         print(markdown(result))
+        means = result["validation_average"]
+        ranked = sorted(means, key=means.get, reverse=True)
+        print("Mean AUROC over the validation splits: " + ", ".join(f"{m} {means[m]:.3f}" for m in ranked) + "\n")
         print(f"{model}: {time.time() - started:.0f}s\n", flush=True)
         results.append(result)
     print("\n".join(line for result in results for line in [f"[{result['model']}]"] + goal_lines(result)))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..analysis.scores import auroc, fpr_at_tpr
-from .detector import BASELINES, METHODS, SAE_SCORES, OODDetector, train_ood_sae
+from .detector import BASELINES, METHODS, SAE_SCORES, SHRINKAGE, OODDetector, train_ood_sae
 
 MODELS = ("shapes-vit", "efficientnet")
 TOLERANCE = 0.02  # the per-split goal: the best SAE score within this AUROC of the best method
@@ -121,10 +121,10 @@ def goals(test: dict, chosen: str) -> dict[str, Any]:
             "average_pass": means[chosen] >= means[best_baseline], "per_split": per_split}
 
 
-def run(model_name: str, *, n: int = 200, hookpoint: str | None = None, progress: bool = True,
-        log: Callable[[str], None] = print) -> dict:
+def run(model_name: str, *, n: int = 200, hookpoint: str | None = None, shrinkage: float = SHRINKAGE,
+        progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Train the SAE, fit the detector, score validation and test sets; the whole result as a dict. `hookpoint`
-    overrides the model's default one."""
+    overrides the model's default one; `shrinkage` is every Gaussian's (the baseline's and the SAE scores')."""
     from tqdm.auto import tqdm
 
     if model_name not in SETUPS:
@@ -138,7 +138,7 @@ def run(model_name: str, *, n: int = 200, hookpoint: str | None = None, progress
     log(f"{model_name}: SAE on {setup['hookpoint']} from {len(setup['fit'])} ID images")
     sae, figures = train_ood_sae(model, setup["hookpoint"], setup["fit"], d_sae=setup["d_sae"], k=setup["k"],
                                  tokens=setup["tokens"], progress=progress)
-    detector = OODDetector(model, sae, setup["hookpoint"]).fit(setup["fit"])
+    detector = OODDetector(model, sae, setup["hookpoint"], shrinkage=shrinkage).fit(setup["fit"])
     results = {}
     for stage in ("validation", "test"):
         sets = setup[stage]
@@ -147,10 +147,12 @@ def run(model_name: str, *, n: int = 200, hookpoint: str | None = None, progress
                                             disable=not progress)}
         results[stage] = split_table(scores)
     chosen = max(SAE_SCORES, key=average(results["validation"]).get)
-    return {"model": model_name, "hookpoint": setup["hookpoint"], "n_per_split": n, "n_fit": len(setup["fit"]),
+    return {"model": model_name, "hookpoint": setup["hookpoint"], "shrinkage": shrinkage, "n_per_split": n,
+            "n_fit": len(setup["fit"]),
             "sae": {"d_sae": setup["d_sae"], "k": setup["k"], "tokens": setup["tokens"],
                     "fvu": figures["fvu"], "l0": figures["l0"]},
             "notes": setup["notes"], "validation": results["validation"], "test": results["test"],
+            "validation_average": average(results["validation"]),
             "test_average": {"auroc": average(results["test"]), "fpr95": average(results["test"], "fpr95")},
             "goals": goals(results["test"], chosen)}
 
