@@ -89,10 +89,11 @@ def test_chunked_topk_encode_matches_the_dense_one():
     assert torch.equal(sae.encode(x), dense)
 
 
-@pytest.mark.parametrize("rows, width, k", [(7, 1792, 32), (5, 1000, 20), (3, 513, 16), (4, 2048, 8), (2, 64, 4)])
+@pytest.mark.parametrize("rows, width, k", [(7, 1792, 32), (5, 1000, 20), (3, 513, 16), (4, 2048, 8), (2, 64, 4),
+                                          (3, 12288, 32), (2, 6000, 7)])
 def test_row_topk_selects_exactly_the_top_k_of_each_row(rows, width, k):
-    """The two-stage selection (used on wide rows, including widths that leave a padded last group) keeps the same
-    entries as one torch.topk."""
+    """The grouped selection (used on wide rows, including widths that leave a padded last group, and recursively on
+    the maxima of very wide ones) keeps the same entries as one torch.topk."""
     from sae_guard.sae.sparsifiers import row_topk
 
     scores = torch.randn(rows, 3, width, generator=torch.Generator().manual_seed(width))
