@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae_guard.analysis.blindspots import (attribute_delta, attributes, compare, image_energy, label_concepts,
-                                           mentions, nearest_real, pair_difference, spearman)
+from sae_guard.analysis.blindspots import (attribute_delta, attributes, compare, compare_paired, image_energy,
+                                           label_concepts, mentions, nearest_real, pair_difference, spearman)
 from sae_guard.analysis.blindspots_study import CAPTION_SET, StudyConfig, pair_captions, plant_kind
 from sae_guard.cli import EXIT_USAGE, main
 from sae_guard.shapes.world import ShapesWorld
@@ -43,6 +43,22 @@ def test_a_concept_never_drawn_ranks_first_suppressed_and_an_invented_one_first_
     assert c.rank_of([5]) == [1]
     others = c.delta[[k for k in range(16) if k not in (5, 9)]]
     assert (others > 0.3).all() and (others < 0.7).all()  # same distribution elsewhere: delta near 0.5
+
+
+def test_paired_comparison_finds_a_concept_dropped_from_its_own_captions_that_other_drawings_hide():
+    """Concept 0 shows in 10 of 100 real images; their drawings drop it, but 10 drawings of other captions show it:
+    pooled over the sets nothing changed (delta 0.5), over the concept's own pairs it is gone (delta 0)."""
+    real, generated = torch.ones(100, 3), torch.ones(100, 3)
+    real[:, 0], generated[:, 0] = 0.0, 0.0
+    real[:10, 0] = 2.0
+    generated[50:60, 0] = 2.0
+    pooled, paired = compare(real, generated), compare_paired(real, generated)
+    assert pooled.delta[0] == 0.5
+    assert paired.delta[0] == 0 and paired.suppressed()[0] == 0 and paired.fire_generated[0] == 0
+    assert torch.allclose(paired.delta[1:], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert paired.fire_real[0] == 0.1 and paired.ranked.all()
+    with pytest.raises(ValueError, match="paired energies"):
+        compare_paired(real, generated[:50])
 
 
 def test_concepts_that_almost_never_fire_are_not_ranked():

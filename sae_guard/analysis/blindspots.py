@@ -13,6 +13,11 @@ rankings. Per image pair (a real image and the one drawn from its caption) the s
 energy vector gives the datapoint-level score the paper reads memorisation from: near 0, the drawing reproduces the
 real image's concepts; near 1, it shares none of them.
 
+`compare_paired` is the same comparison restricted, concept by concept, to the caption pairs whose real image the
+concept fires on: of what the real images of those captions show, how much their drawings keep. It reads a pair
+blindspot (one colour-shape combination never drawn) that the pooled statistic misses when the concept's energy
+over the whole set is dominated by drawings of other captions (not in the paper; its data has no pairs).
+
 Concepts are named in words from the known ShapesWorld labels of the real images they fire on most (`label_concepts`).
 """
 
@@ -92,6 +97,26 @@ def compare(real: Tensor, generated: Tensor, min_fire: float = MIN_FIRE) -> Ener
     fire_real, fire_gen = (real > 0).double().mean(0), (generated > 0).double().mean(0)
     ranked = (torch.maximum(fire_real, fire_gen) >= min_fire) & (total > 0)
     return EnergyComparison(e_real, e_gen, delta, fire_real, fire_gen, ranked)
+
+
+def compare_paired(real: Tensor, generated: Tensor, min_fire: float = MIN_FIRE) -> EnergyComparison:
+    """`compare` over paired energies ((n, d_sae) each, row i of both from caption i), each concept's means taken
+    over the pairs whose real image it fires on only; a concept is ranked when it fires on at least `min_fire` of
+    the real images. `fire_generated` is then the share of those pairs whose drawing it fires on too."""
+    if real.shape != generated.shape or real.ndim != 2:
+        raise ValueError(f"paired energies must both be (n, d_sae), got {tuple(real.shape)} and "
+                         f"{tuple(generated.shape)}")
+    if not 0.0 <= min_fire <= 1.0:
+        raise ValueError(f"min_fire must lie in [0, 1], got {min_fire}")
+    fires = (real > 0).double()
+    count = fires.sum(0)
+    e_real = (real.double() * fires).sum(0) / count.clamp_min(1)
+    e_gen = (generated.double() * fires).sum(0) / count.clamp_min(1)
+    total = e_real + e_gen
+    delta = torch.where(total > 0, e_gen / total.clamp_min(1e-300), torch.full_like(total, float("nan")))
+    kept = ((generated > 0).double() * fires).sum(0) / count.clamp_min(1)
+    ranked = (count / len(real) >= min_fire) & (count > 0)
+    return EnergyComparison(e_real, e_gen, delta, fires.mean(0), kept, ranked)
 
 
 def pair_difference(real: Tensor, generated: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ from ..sae.metrics import evaluate
 from ..shapes.t2i_eval import to_uint8
 from ..shapes.world import COLOURS, SHAPES, ShapesWorld, caption, to_tensor
 from .blindspots import (EXAGGERATED, SUPPRESSED, EnergyComparison, ConceptLabel, attribute_delta, attributes,
-                         compare, image_energy, label_concepts, mentions, nearest_real, pair_difference, spearman)
+                         compare, compare_paired, image_energy, label_concepts, mentions, nearest_real, pair_difference, spearman)
 from .charts import bar_chart, histogram
 from .scores import auroc
 
@@ -244,6 +244,7 @@ def study_variant(real: Tensor, generated: Tensor, images: np.ndarray, eval_labe
         "suppressed": [row(k) for k in comparison.suppressed()[:LIST_LENGTH]],
         "exaggerated": [row(k) for k in comparison.exaggerated()[:LIST_LENGTH]],
         "plants": [plant_figures(comparison, labels, p) for p in plants],
+        "plants_paired": [plant_figures(compare_paired(real, generated), labels, p) for p in plants],
         "attributes": [{"attribute": a, "delta": d, "rate": r} for a, d, r in pairs],
         "spearman_delta_vs_rate": correlation,
         "drawn_right": float(scored["right"].mean()),
@@ -365,16 +366,18 @@ def tables(figures: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     out.append(("Variants: ranked concepts, blindspots, Spearman(per-attribute delta, generation rate), per-image "
                 "difference", ["variant", "ranked", "delta < 0.1", "delta > 0.9", "drawn right", "Spearman rho", "p",
                                "n", "mean pair difference", "AUROC pair difference -> drawn wrong"], summary))
-    plant_rows = []
-    for name, v in figures["variants"].items():
-        for p in v["plants"]:
-            plant_rows.append([name, p["attribute"], f"{p['ranked']} / {p['concepts']}", str(p["of"]),
-                               _fmt(p["best_rank"]), _fmt(p["median_rank"], 1), _fmt(p["share_of_top10"], 2),
-                               str(p["below_0.1"]), _fmt(p["auroc"])])
+
+    def plant_rows(key: str) -> list[list[str]]:
+        return [[name, p["attribute"], f"{p['ranked']} / {p['concepts']}", str(p["of"]), _fmt(p["best_rank"]),
+                 _fmt(p["median_rank"], 1), _fmt(p["share_of_top10"], 2), str(p["below_0.1"]), _fmt(p["auroc"])]
+                for name, v in figures["variants"].items() for p in v[key]]
+
+    header = ["variant", "attribute", "ranked / named", "ranked concepts", "best rank", "median rank",
+              "share of top 10", "delta < 0.1", "AUROC (-delta)"]
     out.append(("Planted blindspots: where concepts naming the planted attribute fall in each variant's suppressed "
-                "ranking (1 = most suppressed)", ["variant", "attribute", "ranked / named", "ranked concepts",
-                                                  "best rank", "median rank", "share of top 10", "delta < 0.1",
-                                                  "AUROC (-delta)"], plant_rows))
+                "ranking (1 = most suppressed)", header, plant_rows("plants")))
+    out.append(("Planted blindspots, paired statistic (each concept's delta over the caption pairs whose real image "
+                "it fires on; `compare_paired`)", header, plant_rows("plants_paired")))
     for name, v in figures["variants"].items():
         for side in ("suppressed", "exaggerated"):
             out.append((f"{name}: most {side} concepts",
