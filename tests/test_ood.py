@@ -27,10 +27,11 @@ def vit():
 
 @pytest.fixture(scope="module")
 def fitted(vit):
-    """A small SAE on the shipped ViT's blocks.2 tokens of 120 ShapesWorld images, and a detector fitted on them."""
+    """A small SAE on the shipped ViT's blocks.2 tokens of 120 ShapesWorld images, and a detector fitted on them
+    (shrinkage 0.1: 120 images cannot estimate a 96-d covariance)."""
     fit = to_tensor(ShapesWorld().sample(120, seed=5)[0])
     sae, figures = train_ood_sae(vit, "blocks.2", fit, d_sae=128, k=8, tokens=150_000)
-    return OODDetector(vit, sae, "blocks.2").fit(fit), figures
+    return OODDetector(vit, sae, "blocks.2", shrinkage=0.1).fit(fit), figures
 
 
 def test_noise_is_far_out_of_distribution_for_the_sae_reconstruction_and_code_scores(fitted):
@@ -63,13 +64,26 @@ def test_leading_pair_names_the_unordered_pair_of_the_two_most_active_latents():
     assert pairs[0] == pairs[1] != pairs[2] and pairs[2] == 0 * 4 + 2
 
 
-def test_fused_score_is_standardised_on_images_its_statistics_did_not_see(fitted):
-    """New in-distribution images sit near 0 on the fused scale (a sum of two standardised scores), noise far above;
-    scored against statistics that include them, the fit images would sit well below 0."""
+def test_fused_score_adds_the_excess_error_in_in_distribution_standard_deviations(fitted):
+    """sae_fused = sae_conditional + FUSED_WEIGHT * (excess error in ID standard deviations)^2: new in-distribution
+    images sit within a couple of deviations (a little above 0: this small SAE was trained on the calibration images
+    too), noise dozens above."""
+    from sae_guard.ood.detector import FUSED_WEIGHT
+
     detector, _ = fitted
-    inside = detector.score(to_tensor(ShapesWorld().sample(60, seed=9)[0]))["sae_fused"]
-    noise = detector.score(to_tensor(noise_images(20, 32, seed=1)))["sae_fused"]
-    assert abs(inside.median().item()) < 1.5 and noise.min() > inside.max()
+    inside = detector.score(to_tensor(ShapesWorld().sample(60, seed=9)[0]))
+    noise = detector.score(to_tensor(noise_images(20, 32, seed=1)))
+    excess = {name: ((s["sae_fused"] - s["sae_conditional"]) / FUSED_WEIGHT).sqrt()
+              for name, s in (("inside", inside), ("noise", noise))}
+    assert excess["inside"].median() < 2 and excess["noise"].min() > 10
+    assert noise["sae_fused"].min() > inside["sae_fused"].max()
+
+
+def test_a_fit_set_too_small_for_the_default_shrinkage_warns(fitted):
+    detector, _ = fitted
+    fit = to_tensor(ShapesWorld().sample(40, seed=5)[0])
+    with pytest.warns(UserWarning, match="40 in-distribution images for 96-d features"):
+        OODDetector(detector.model, detector.sae, "blocks.2").fit(fit)
 
 
 def test_scores_cover_every_method_one_value_per_image_and_do_not_depend_on_the_batch(fitted):
