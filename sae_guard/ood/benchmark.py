@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..analysis.scores import auroc, fpr_at_tpr
-from .detector import BASELINES, METHODS, SAE_SCORES, SHRINKAGE, OODDetector, train_ood_sae
+from .detector import BASELINES, FUSED_WEIGHT, METHODS, SAE_SCORES, SHRINKAGE, OODDetector, train_ood_sae
 
 MODELS = ("shapes-vit", "efficientnet")
 TOLERANCE = 0.02  # the per-split goal: the best SAE score within this AUROC of the best method
@@ -123,9 +123,11 @@ def goals(test: dict, chosen: str) -> dict[str, Any]:
 
 
 def run(model_name: str, *, n: int = 200, hookpoint: str | None = None, shrinkage: float = SHRINKAGE,
-        test_seed: int = TEST_SEED, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+        fused_weight: float = FUSED_WEIGHT, test_seed: int = TEST_SEED, progress: bool = True,
+        log: Callable[[str], None] = print) -> dict:
     """Train the SAE, fit the detector, score validation and test sets; the whole result as a dict. `hookpoint`
-    overrides the model's default one; `shrinkage` is every Gaussian's (the baseline's and the SAE scores')."""
+    overrides the model's default one; `shrinkage` is every Gaussian's (the baseline's and the SAE scores'),
+    `fused_weight` the error term's weight in `sae_fused`."""
     from tqdm.auto import tqdm
 
     if model_name not in SETUPS:
@@ -139,7 +141,8 @@ def run(model_name: str, *, n: int = 200, hookpoint: str | None = None, shrinkag
     log(f"{model_name}: SAE on {setup['hookpoint']} from {len(setup['fit'])} ID images")
     sae, figures = train_ood_sae(model, setup["hookpoint"], setup["fit"], d_sae=setup["d_sae"], k=setup["k"],
                                  tokens=setup["tokens"], progress=progress)
-    detector = OODDetector(model, sae, setup["hookpoint"], shrinkage=shrinkage).fit(setup["fit"])
+    detector = OODDetector(model, sae, setup["hookpoint"], shrinkage=shrinkage, fused_weight=fused_weight)
+    detector.fit(setup["fit"])
     results = {}
     for stage in ("validation", "test"):
         sets = setup[stage]
@@ -148,7 +151,8 @@ def run(model_name: str, *, n: int = 200, hookpoint: str | None = None, shrinkag
                                             disable=not progress)}
         results[stage] = split_table(scores)
     chosen = max(SAE_SCORES, key=average(results["validation"]).get)
-    return {"model": model_name, "hookpoint": setup["hookpoint"], "shrinkage": shrinkage, "test_seed": test_seed,
+    return {"model": model_name, "hookpoint": setup["hookpoint"], "shrinkage": shrinkage, "fused_weight": fused_weight,
+            "test_seed": test_seed,
             "n_per_split": n,
             "n_fit": len(setup["fit"]),
             "sae": {"d_sae": setup["d_sae"], "k": setup["k"], "tokens": setup["tokens"],

@@ -19,8 +19,9 @@ is written with atoms that are rare in-distribution, or with an unusual mixture 
   latents as the classes the in-distribution set has no labels for: ID images are grouped by their two most active
   latents (pooled over tokens), each group gets its mean, all share one covariance, and an image scores its
   distance to the nearest group. One Gaussian blurs the ID modes together; the SAE's latents separate them;
-- `sae_fused`: `sae_conditional` (a squared distance) plus `FUSED_WEIGHT` times the squared excess of `sae_error`
-  over its in-distribution mean, in in-distribution standard deviations (0 below the mean). The two fail on
+- `sae_fused`: `sae_conditional` (a squared distance) plus `fused_weight` (default `FUSED_WEIGHT`) times the
+  squared excess of `sae_error` over its in-distribution mean, in in-distribution standard deviations (0 below the
+  mean). The two fail on
   different shifts: error sees inputs the dictionary cannot write (textures, noise, photos) at the hookpoint, the
   conditional score sees new combinations of known parts (a new shape drawn with known edges) where the model has
   composed them. Squared and added, a large excess error dominates, while the small excess error of a new shape
@@ -141,16 +142,19 @@ class OODDetector:
     """Fit on in-distribution images, then score new ones with every method (higher = more out-of-distribution)."""
 
     def __init__(self, model: nn.Module, sae: SAE, hookpoint: str, *, k_neighbours: int = 10,
-                 shrinkage: float = SHRINKAGE, batch_size: int = 64,
+                 shrinkage: float = SHRINKAGE, fused_weight: float = FUSED_WEIGHT, batch_size: int = 64,
                  preprocess: Callable[[Any], Tensor] | None = None) -> None:
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             raise ValueError(f"{type(model).__name__} is not a timm classifier (no forward_features/forward_head); "
                              "OODDetector needs its logits and pre-logit features for the baselines")
         if k_neighbours < 1 or batch_size < 1:
             raise ValueError(f"k_neighbours and batch_size must be positive, got {k_neighbours} and {batch_size}")
+        if not fused_weight >= 0:
+            raise ValueError(f"fused_weight must be >= 0, got {fused_weight}")
         if not shrinkage > 0:
             raise ValueError(f"shrinkage must be positive (the ID sets are small next to the width), got {shrinkage}")
         self.model, self.sae, self.k, self.shrinkage = model, sae, k_neighbours, shrinkage
+        self.fused_weight = fused_weight
         self.batch_size = batch_size
         self.adapter = VisionAdapter(model, preprocess=preprocess)
         self.point = find_hookpoint(model, hookpoint)
@@ -208,7 +212,7 @@ class OODDetector:
         scores = self._scores(self._run(images))
         s = self.state
         excess = ((scores["sae_error"] - s["error_centre"]) / s["error_spread"]).clamp_min(0)
-        return {**scores, "sae_fused": scores["sae_conditional"] + FUSED_WEIGHT * excess.square()}
+        return {**scores, "sae_fused": scores["sae_conditional"] + self.fused_weight * excess.square()}
 
     def _scores(self, run: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every method but the fused one, from one pass's tensors."""
