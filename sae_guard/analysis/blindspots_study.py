@@ -44,7 +44,8 @@ from ..sae.metrics import evaluate
 from ..shapes.t2i_eval import to_uint8
 from ..shapes.world import COLOURS, SHAPES, ShapesWorld, caption, to_tensor
 from .blindspots import (EXAGGERATED, SUPPRESSED, EnergyComparison, ConceptLabel, attribute_delta, attributes,
-                         compare, compare_paired, image_energy, label_concepts, mentions, nearest_real, pair_difference, spearman)
+                         compare, compare_paired, image_energy, label_concepts, mentions, nearest_real,
+                         pair_difference, spearman)
 from .charts import bar_chart, histogram
 from .scores import auroc
 

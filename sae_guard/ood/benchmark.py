@@ -152,9 +152,7 @@ def run(model_name: str, *, n: int = 200, hookpoint: str | None = None, shrinkag
         results[stage] = split_table(scores)
     chosen = max(SAE_SCORES, key=average(results["validation"]).get)
     return {"model": model_name, "hookpoint": setup["hookpoint"], "shrinkage": shrinkage, "fused_weight": fused_weight,
-            "test_seed": test_seed,
-            "n_per_split": n,
-            "n_fit": len(setup["fit"]),
+            "test_seed": test_seed, "n_per_split": n, "n_fit": len(setup["fit"]),
             "sae": {"d_sae": setup["d_sae"], "k": setup["k"], "tokens": setup["tokens"],
                     "fvu": figures["fvu"], "l0": figures["l0"]},
             "notes": setup["notes"], "validation": results["validation"], "test": results["test"],

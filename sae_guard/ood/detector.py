@@ -21,12 +21,11 @@ is written with atoms that are rare in-distribution, or with an unusual mixture 
   distance to the nearest group. One Gaussian blurs the ID modes together; the SAE's latents separate them;
 - `sae_fused`: `sae_conditional` (a squared distance) plus `fused_weight` (default `FUSED_WEIGHT`) times the
   squared excess of `sae_error` over its in-distribution mean, in in-distribution standard deviations (0 below the
-  mean). The two fail on
-  different shifts: error sees inputs the dictionary cannot write (textures, noise, photos) at the hookpoint, the
-  conditional score sees new combinations of known parts (a new shape drawn with known edges) where the model has
-  composed them. Squared and added, a large excess error dominates, while the small excess error of a new shape
-  barely moves the conditional distance (a plain sum of the two standardised scores let that noise cost the new
-  shape 0.03 AUROC on the benchmark's ViT).
+  mean). The two fail on different shifts: error sees inputs the dictionary cannot write (textures, noise, photos)
+  at the hookpoint, the conditional score sees new combinations of known parts (a new shape drawn with known edges)
+  where the model has composed them. Squared and added, a large excess error dominates, while the small excess
+  error of a new shape barely moves the conditional distance (a plain sum of the two standardised scores let that
+  noise cost the new shape 0.03 AUROC on the benchmark's ViT).
 
 Baselines, on the model's own outputs: `msp` (1 - max softmax probability; Hendrycks & Gimpel 2017), `energy`
 (-logsumexp of the logits; Liu et al. 2020), `mahalanobis` (distance of the pre-logit features to one Gaussian fitted
