@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..base import SAE
 from ..codes import SparseCodes, sparse_decode
 from ..config import SAEConfig
 from ..losses import Step, auxk, fvu, multi_topk
-from ..base import SAE
 from ..registry import register
+from ..screened_topk import Bf16Encoder, screen_applies, screened_topk
 from ..sparsifiers import row_topk
 
 
@@ -67,6 +68,11 @@ class TopKSAE(SAE):
         return SparseCodes(self.activate(values).reshape(*lead, k), indices.reshape(*lead, k))
 
     def _encode_rows(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        plain_topk = type(self).select is TopKSAE.select and type(self).pre_acts is SAE.pre_acts
+        if plain_topk and screen_applies(x, self.W_enc):
+            if "_bf16_encoder" not in self.__dict__:
+                self._bf16_encoder = Bf16Encoder()
+            return screened_topk(x - self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self._bf16_encoder)
         pre = self.pre_acts(x)
         indices = self.select(pre, self.cfg.k)
         return pre.gather(-1, indices), indices
