@@ -52,18 +52,20 @@ def screen_applies(x: Tensor, weight: Tensor) -> bool:
 
 
 class Bf16Encoder:
-    """The encoder's bf16 split, made once per version of its weights: (W | b) in bf16 and the residual norms."""
+    """What the screen needs of the encoder, made once per version of its weights: (W | b) in bf16, the largest
+    norms of its rows and of their bf16 residuals, and W row-major for the sampled matmul (an SAE in eval mode
+    holds W_enc transposed in memory, which the sampled matmul would otherwise copy on every call)."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
 
-    def operands(self, weight: Tensor, bias: Tensor) -> tuple[Tensor, float, float]:
-        key = (weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
+    def operands(self, weight: Tensor, bias: Tensor) -> tuple[Tensor, float, float, Tensor]:
+        key = (weight.data_ptr(), weight.stride(), weight._version, bias.data_ptr(), bias._version)
         if key != self._key:
             augmented = _augment(weight, bias)
             high = augmented.to(torch.bfloat16)
             residual = (augmented - high.float()).norm(dim=-1).max().item()
-            self._parts = (high, residual, augmented.norm(dim=-1).max().item())
+            self._parts = (high, residual, augmented.norm(dim=-1).max().item(), weight.contiguous())
             self._key = key
         return self._parts
 
@@ -82,7 +84,7 @@ def screened_topk(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, encoder: Bf
     """(values, indices) of the k largest of `x_c @ weight.T + bias` per row, both (rows, k), unordered."""
     rows = x_c.shape[0]
     width = min(CANDIDATES_PER_K * k, weight.shape[0])
-    high_w, w_lo, w_norm = encoder.operands(weight, bias)
+    high_w, w_lo, w_norm, row_major = encoder.operands(weight, bias)
     x_aug = _augment(x_c, x_c.new_ones(rows))
     high_x = x_aug.to(torch.bfloat16)
     x_lo = (x_aug - high_x.float()).norm(dim=-1)
@@ -91,7 +93,7 @@ def screened_topk(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, encoder: Bf
     approx = F.linear(high_x, high_w)  # (rows, d_sae) bf16
     candidates = row_topk(approx, width)
     screened = approx.gather(-1, candidates).float()
-    values = _sampled_linear(x_c, weight, candidates) + bias[candidates]
+    values = _sampled_linear(x_c, row_major, candidates) + bias[candidates]
 
     error = (x_norm * w_lo + x_lo * w_norm + x_lo * w_lo + 2 * x_aug.shape[1] * 2.0**-24 * x_norm * w_norm) * 1.01
     loose = _U / (1 - _U)
