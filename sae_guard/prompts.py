@@ -16,19 +16,19 @@ measured on prompts no method saw.
 Sizes with the shared data and seed 0 (`python -m sae_guard.prompts` prints them):
 
     concept    split      target  retain
-    nudity     fit          3618   15931
-    nudity     calibrate    1206    5311
-    nudity     test         1206    5309
-    celebrity  fit           100     200
-    celebrity  calibrate      50     100
-    celebrity  test          100     200
-    vangogh    fit            20      20
-    vangogh    calibrate      10      10
-    vangogh    test           20      20
+    nudity     fit          3618   22625
+    nudity     calibrate    1206    7542
+    nudity     test         1206    7541
+    celebrity  fit           100    1400
+    celebrity  calibrate      50     500
+    celebrity  test          100     600
+    vangogh    fit            20    1220
+    vangogh    calibrate      10     410
+    vangogh    test           20     420
 
 `<concept>_registers` (what pipelines/minilm-prompts.toml names) adds the prompts written for each concept in many
-registers (`register_prompts`, from concept_data/fitting.toml), split 0.6 / 0.2 / 0.2 by hash (nudity 3978 / 16291
-fit, celebrity 490 / 1736, Van Gogh 54 / 697); they teach the concepts, never the SAE. The held-out
+registers (`register_prompts`, from concept_data/fitting.toml), split 0.6 / 0.2 / 0.2 by hash (nudity 3978 / 22985
+fit, celebrity 490 / 2336, Van Gogh 54 / 1297); a recipe that names them trains its SAE on their fit split only. The held-out
 evaluation sets (`heldout`, concept_data/heldout.toml) are written apart from all of these and only reported on.
 """
 
@@ -57,6 +57,13 @@ CELEBRITY_TEMPLATE_FRACTIONS = (0.4, 0.2, 0.4)  # of each celebrity's 5 template
 ORDINARY_RETAIN = 1000  # COCO captions added to the retain side of the celebrity and Van Gogh concepts
 SPLITS = ("fit", "calibrate", "test")
 DIFFUSIONDB_VAL_SIZE = 2000
+# DiffusionDB's prompt_nsfw >= 0.8 set is mostly insults, gore and slurs (a text toxicity score): a nudity target is
+# one of its prompts that names nudity or sex, or asks for the sexualised pictures that Stable Diffusion draws nude
+# (sexy, lingerie, seductive). The others belong to neither side of the nudity concept.
+NUDITY_WORDS = re.compile(r"\b(nude|nudes|nudity|naked|nsfw|topless|sex|sexual|sexy|porn\w*|breasts?|nipples?|"
+                          r"erotic\w*|genitals?|penis|vagina|undress\w*|hentai|boobs?|tits|lingerie|seductive|"
+                          r"sensual\w*)\b", re.IGNORECASE)
+USER_IMAGE_NSFW = 0.5  # a benign user prompt whose image scored this NSFW or more is left off the retain side
 
 Unit = TypeVar("Unit")
 
@@ -337,8 +344,8 @@ def register_prompts(name: str, folder: str | os.PathLike | None = None, seed: i
 
 def written_prompts(folder: str | os.PathLike | None = None, seed: int = SEED,
                     names: Iterable[str] = tuple(CONCEPT_NAMES)) -> set[str]:
-    """Every `register_prompts` prompt: they teach the concepts' readouts, never the SAE (the shipped dictionary
-    predates them, and a refit on it checks its training prompts are unchanged)."""
+    """Every `register_prompts` prompt. Kept out of `sae_training_prompts`; a recipe whose concepts are the register
+    datasets trains its SAE on their fit split, like any concept's, and never on their calibrate or test parts."""
     return {p for name in names if name in CONCEPT_NAMES for side in register_prompts(name, folder, seed) for p in side}
 
 
@@ -352,7 +359,9 @@ def _with_registers(data: ConceptData, folder: str | os.PathLike | None, seed: i
 
 
 def nudity(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
-    """Nudity: target = DiffusionDB NSFW + sensitive pair sides; retain = COCO 30k + normal pair sides.
+    """Nudity: target = DiffusionDB NSFW prompts naming nudity (`NUDITY_WORDS`) + sensitive pair sides; retain =
+    COCO 30k + benign user prompts
+    (`user_prompts`: DiffusionDB and I2P, the targets' own sources) + normal pair sides.
 
     Each pair's two sides share a split. Evaluation-only prompts (see `evaluation_prompts`) are removed from both
     pools, and so is any prompt found in both pools. Fractions 0.6 / 0.2 / 0.2 (see the module docstring).
@@ -360,22 +369,54 @@ def nudity(folder: str | os.PathLike | None = None, seed: int = SEED) -> Concept
     excluded = set(evaluation_prompts(folder, seed))
     pairs = [p for p in concept_pairs("nudity", folder) if not excluded & set(p)]
     excluded |= {prompt for pair in pairs for prompt in pair}
-    targets = [p for p in diffusiondb_nsfw(folder) if p not in excluded]
-    excluded |= set(targets)
-    retains = [p for p in coco(folder) if p not in excluded]
+    scored = diffusiondb_nsfw(folder)
+    targets = [p for p in scored if p not in excluded and NUDITY_WORDS.search(p)]
+    excluded |= set(scored)
+    retains = [p for p in [*coco(folder), *user_prompts(folder, seed)] if p not in excluded]
     return _paired_dataset("nudity", pairs, targets, retains, NUDITY_FRACTIONS, seed)
 
 
-def _with_ordinary(data: ConceptData, folder: str | os.PathLike | None, seed: int,
+def user_prompts(folder: str | os.PathLike | None = None, seed: int = SEED) -> list[str]:
+    """Benign prompts written the way the nudity targets are: DiffusionDB 10k prompts (all prompt_nsfw < 0.001)
+    outside DiffusionDB val whose image was not scored NSFW (image_nsfw < USER_IMAGE_NSFW), and the I2P prompts of
+    other categories whose SD images showed no nudity (nudity_percentage 0); none naming nudity (`NUDITY_WORDS`).
+
+    Retains from the targets' own sources, so a readout cannot learn the DiffusionDB or I2P prompt style as the
+    concept; COCO captions alone differ from the targets in style as much as in content.
+    """
+    excluded = {*evaluation_prompts(folder, seed), *diffusiondb_nsfw(folder)}
+    rows = read_rows("diffusiondb10K.csv", folder, ["prompt", "image_nsfw"])
+    diffusiondb_benign = [r["prompt"] for r in rows if (_number(r["image_nsfw"]) or 0.0) < USER_IMAGE_NSFW]
+    rows = read_rows("i2p.csv", folder, ["prompt", "categories", "nudity_percentage"])
+    i2p_benign = [r["prompt"] for r in rows if "sexual" not in (r["categories"] or "")
+                  and _number(r["nudity_percentage"]) == 0.0]
+    return [p for p in clean([*diffusiondb_benign, *i2p_benign]) if p not in excluded and not NUDITY_WORDS.search(p)]
+
+
+def _number(cell: str | None) -> float | None:
+    try:
+        return float(cell) if cell not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _with_ordinary(data: ConceptData, folder: str | os.PathLike | None, seed: int, names: Sequence[str],
                    n: int = ORDINARY_RETAIN) -> ConceptData:
-    """Add `n` COCO captions to the retain sides (split 0.6 / 0.2 / 0.2): a guard must also pass ordinary prompts.
+    """Add `n` COCO captions and `n` benign user prompts (`user_prompts`) to the retain sides (split 0.6 / 0.2 /
+    0.2): a guard must also pass ordinary prompts, in the captions' style and in the prompt writers'.
 
     Concepts whose own retain set holds only look-alikes (other celebrities, the same scenes without the style)
-    would otherwise be calibrated without a single ordinary prompt, and could flag everyday captions.
+    would otherwise be calibrated without a single ordinary prompt, and could flag everyday captions or the
+    artist-laden prompts of DiffusionDB. User prompts naming any of the concept's `names` are left out.
     """
     excluded = set(evaluation_prompts(folder, seed)) | {p for s in SPLITS for p in data.split(s).target}
-    pool = sorted((p for p in coco(folder) if p not in excluded), key=lambda p: _hash_key(seed, f"{data.name}/ordinary", p))
-    fit, calibrate, test = _split_units(pool[:n], NUDITY_FRACTIONS, seed, f"{data.name}/ordinary", str)
+    key = lambda p: _hash_key(seed, f"{data.name}/ordinary", p)  # noqa: E731
+    captions = sorted((p for p in coco(folder) if p not in excluded), key=key)[:n]
+    named = re.compile("|".join(re.escape(name) for name in names), re.IGNORECASE)
+    users = sorted((p for p in user_prompts(folder, seed) if p not in excluded and not named.search(p)), key=key)[:n]
+    fit, calibrate, test = (c + u for c, u in zip(
+        _split_units(captions, NUDITY_FRACTIONS, seed, f"{data.name}/ordinary", str),
+        _split_units(users, NUDITY_FRACTIONS, seed, f"{data.name}/ordinary-users", str)))
     return replace(data, fit=Split(data.fit.target, data.fit.retain + fit),
                    calibrate=Split(data.calibrate.target, data.calibrate.retain + calibrate),
                    test=Split(data.test.target, data.test.retain + test))
@@ -385,7 +426,7 @@ def vangogh(folder: str | os.PathLike | None = None, seed: int = SEED) -> Concep
     """Van Gogh style: target / retain = sensitive / normal sides of the 50 pairs, 20 / 10 / 20 pairs per split,
     plus ordinary COCO captions on the retain side (`_with_ordinary`)."""
     data = _paired_dataset("vangogh", concept_pairs("vangogh", folder), [], [], VANGOGH_FRACTIONS, seed)
-    return _with_ordinary(data, folder, seed)
+    return _with_ordinary(data, folder, seed, ["gogh"])
 
 
 def _named_prompts(filename: str, folder: str | os.PathLike | None) -> dict[str, list[str]]:
@@ -432,7 +473,8 @@ def _split_by_template(
 def celebrity(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
     """Celebrities: target = celebrity_target.csv (50 names x 5 templates), retain = celebrity_remain.csv (100).
 
-    Ordinary COCO captions join the retain side (`_with_ordinary`). Both celebrity sides are split by template per celebrity (`_split_by_template`): every name is in every split, and a
+    Ordinary captions and user prompts join the retain side (`_with_ordinary`). Both celebrity sides are split by
+    template per celebrity (`_split_by_template`): every name is in every split, and a
     name's 2 test templates are never seen with it in fit or calibrate. `target_names` holds the 50 names.
     """
     targets = _named_prompts("celebrity_target.csv", folder)
@@ -443,7 +485,7 @@ def celebrity(folder: str | os.PathLike | None = None, seed: int = SEED) -> Conc
     target_parts = _split_by_template(targets, seed, "celebrity/target")
     retain_parts = _split_by_template(retains, seed, "celebrity/retain")
     splits = [Split(target=t, retain=r) for t, r in zip(target_parts, retain_parts)]
-    return _with_ordinary(ConceptData("celebrity", *splits, target_names=tuple(targets)), folder, seed)
+    return _with_ordinary(ConceptData("celebrity", *splits, target_names=tuple(targets)), folder, seed, list(targets))
 
 
 CONCEPTS: dict[str, Callable[..., ConceptData]] = {"nudity": nudity, "celebrity": celebrity, "vangogh": vangogh}
@@ -514,18 +556,19 @@ def sae_training_prompts(
     folder: str | os.PathLike | None = None, seed: int = SEED, include_fit: bool = True,
     exclude_evaluation: bool = True,
 ) -> list[str]:
-    """Prompts to train the SAE on: COCO, DiffusionDB 10k, I2P, celebrity_100, art_100, character.
+    """Prompts to train the SAE on: COCO, DiffusionDB 10k and NSFW, I2P, celebrity_100, art_100, character.
 
     Every calibrate and test prompt of every concept is removed, so a threshold or a test figure never rests on a
-    prompt the SAE was trained on. `include_fit` adds each concept's fit split (it brings the DiffusionDB NSFW
-    prompts the nudity features are learnt from, as ItD's nudity SAE was); `exclude_evaluation` also removes the
+    prompt the SAE was trained on. `include_fit` adds each concept's fit split (its pair sides and, where
+    the recipe does not name them as a set, the DiffusionDB NSFW prompts nudity features are learnt from, as ItD's
+    nudity SAE was); `exclude_evaluation` also removes the
     attack sets, COCO val and DiffusionDB val (`evaluation_prompts`).
     """
     datasets = [build(folder, seed) for build in CONCEPTS.values()]
     removed = set().union(*(d.held_out() for d in datasets))
     if exclude_evaluation:
         removed |= set(evaluation_prompts(folder, seed))
-    sources = [coco, diffusiondb, i2p, celebrity_100, art_100, character]
+    sources = [coco, diffusiondb, diffusiondb_nsfw, i2p, celebrity_100, art_100, character]
     pool = [p for source in sources for p in source(folder=folder)]
     if include_fit:
         pool += [p for d in datasets for p in (*d.fit.target, *d.fit.retain)]
