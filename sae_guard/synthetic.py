@@ -7,6 +7,10 @@ their "parent", the pattern that invites feature absorption.
 
 A `PlantedDataset` is a resumable stream: batch i is a pure function of (seed, i).
 
+The dictionary is drawn from `seed` plus `DICTIONARY_SALT`, never from `seed` itself: an SAE built after
+`torch.manual_seed(seed)` draws its random decoder from the same stream, so with an unsalted seed its
+first rows would be the planted atoms and "recovery" would be measured from a start at the answer.
+
 `Generator` describes one planted setting along the axes SAE defaults must hold across (firing-frequency
 law and cap, magnitude spread, noise, width and atom count, correlated atom directions, hierarchy, a
 finite sample set replayed vs fresh data, and the k an SAE is given); `GENERATORS` is the family the zoo
@@ -20,6 +24,8 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
+
+DICTIONARY_SALT = 2**32 + 17  # keeps the atoms' random stream apart from torch.manual_seed(seed)
 
 
 @dataclass
@@ -76,6 +82,11 @@ class PlantedDataset:
         return p.sum().item()
 
 
+def _dictionary_rng(seed: int) -> torch.Generator:
+    """The random stream the atoms and firing law are drawn from (see `DICTIONARY_SALT`)."""
+    return torch.Generator().manual_seed(seed + DICTIONARY_SALT)
+
+
 def _unit_atoms(n: int, d: int, gen: torch.Generator, coherence: float = 0.0, clusters: int = 16) -> Tensor:
     """Random unit atoms; with `coherence` > 0 each leans towards one of `clusters` shared directions.
 
@@ -108,7 +119,7 @@ def planted(d: int = 128, n_atoms: int = 512, active: float = 6.0, zipf_exponent
     No atom fires more often than `frequency_cap` (so a steep law puts fewer than `active` per sample:
     `expected_l0()` is the true figure); `coherence` > 0 makes atoms share cluster directions.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = _dictionary_rng(seed)
     atoms = _unit_atoms(n_atoms, d, gen, coherence)
     probs = _zipf(n_atoms, zipf_exponent, active, gen).clamp(max=frequency_cap)
     return PlantedDataset(atoms, probs, None, magnitude_sigma, noise, seed, batch_size)
@@ -122,7 +133,7 @@ def planted_hierarchical(d: int = 128, n_parents: int = 128, children_per_parent
     An SAE can then fold a parent into its children's latents ("absorption"); recovering parents and
     children separately is the harder test.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = _dictionary_rng(seed)
     n_children = n_parents * children_per_parent
     atoms = _unit_atoms(n_parents + n_children, d, gen)
     parent_total = active / (1 + children_per_parent * child_prob)

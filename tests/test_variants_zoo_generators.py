@@ -2,7 +2,8 @@
 
 import torch
 
-from sae_guard.synthetic import GENERATORS, HELD_OUT, Generator, planted
+from sae_guard import SAE
+from sae_guard.synthetic import GENERATORS, HELD_OUT, Generator, planted, planted_hierarchical, recovery
 
 
 def test_family_spans_k_above_and_below_true_sparsity_within_two():
@@ -42,3 +43,12 @@ def test_frequency_cap_and_coherence_change_the_data():
     coherent = planted(d=64, n_atoms=256, seed=1, coherence=0.6)
     assert close_pairs(coherent) > 3 * close_pairs(loose)
     assert torch.allclose(coherent.atoms.norm(dim=-1), torch.ones(256))
+
+
+def test_an_sae_seeded_like_the_data_does_not_start_at_the_planted_atoms():
+    # torch.manual_seed(s) then planted(seed=s) once gave the SAE's random decoder the atoms' own draws
+    for seed in (0, 1, 17):
+        for ds in (planted(seed=seed), planted_hierarchical(seed=seed)):
+            torch.manual_seed(seed)
+            sae = SAE.create("topk", d_in=ds.d, d_sae=1024, k=6)
+            assert recovery(sae.W_dec, ds.atoms) < 0.05, seed

@@ -18,7 +18,7 @@ class SAEConfig:
     d_in: int = 0
     d_sae: int = 0
     # training: a latent that has not fired for this many tokens counts as dead (None: the trainer
-    # picks min(10M, a tenth of the run)).
+    # picks min(10M, max(a hundredth of the run, 10 batches)): `train.trainer.default_dead_tokens`).
     dead_tokens: int | None = None
     # free-form provenance: model, hookpoint, dataset, tokens trained...
     metadata: dict[str, Any] = field(default_factory=dict)

@@ -67,6 +67,16 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_start: float
     return 1.0
 
 
+def default_dead_tokens(tokens: int, batch_size: int) -> int:
+    """Tokens without firing after which a latent counts as dead (and AuxK starts training it).
+
+    A hundredth of the run, at least 10 batches, at most 10M tokens (Gao et al.'s figure for long runs). The
+    former tenth of the run left rare features' latents starved for most of a short run: planted data, batchtopk,
+    1.5M tokens at lr 8e-3, atoms recovered 0.850 with a 150k-token window against 0.941 with 40k.
+    """
+    return min(10_000_000, max(tokens // 100, 10 * batch_size))
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -94,7 +104,8 @@ def train(
     """Train `sae` in place on `data` for `tokens` activation vectors; return it with its figures.
 
     data: an (N, d_in) tensor, an iterable of (n, d_in) chunks, or a `harvest(...)` of a model.
-    lr: None picks the variant's default (2e-4 / sqrt(d_sae / 2**14) unless the variant says otherwise).
+    lr: None picks the variant's default (`SAE.default_lr`: 2e-4 / sqrt(d_sae / 2**14), raised for d_in < 768,
+        unless the variant says otherwise).
     checkpoint_dir: where checkpoints go (every `checkpoint_every` tokens, by default every tenth of the run, and
         at the end); a run started with the same directory resumes from it and finishes with the same weights as an
         uninterrupted run. The checkpoint keeps a fingerprint of the data (its first batch), the SAE's config and
@@ -112,7 +123,7 @@ def train(
     sae.to(device).train()
     total_steps = math.ceil(tokens / batch_size)
     warmup_steps = max(1, min(total_steps // 20, 1000)) if warmup_tokens is None else max(1, warmup_tokens // batch_size)
-    dead_tokens = sae.cfg.dead_tokens or min(10_000_000, max(tokens // 10, batch_size))
+    dead_tokens = sae.cfg.dead_tokens or default_dead_tokens(tokens, batch_size)
     if checkpoint_every and checkpoint_dir is None:
         raise ValueError("checkpoint_every needs a checkpoint_dir to write to")
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None

@@ -9,7 +9,10 @@ average of the smallest kept activation of each batch and saved as the buffer `t
 Choices: the EMA starts from the first batch's value (dictionary_learning) rather than from 0, and
 updates every step with decay `threshold_decay` = 0.95 (Bussmann: 0.99): the kept minimum is the (k * B)-th
 largest activation, a quantile that varies little between batches, so a short memory costs little noise
-and lets short runs forget the large activations of the first steps. Dead latents are revived by AuxK.
+and lets short runs forget the large activations of the first steps. Dead latents are revived by AuxK, with
+coefficient 1/8 rather than TopK's 1/32: a batch-level budget lets frequent features take the tokens rare ones
+need, so more latents die and revival must pull harder (planted 128-d data, d_sae 1024, 1.5M tokens, lr 8e-3,
+40k-token dead window: atoms recovered 0.941 at 1/32, 0.988 at 1/8).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from ..sparsifiers import batch_topk, mask_to_codes
 class BatchTopKConfig(SAEConfig):
     k: float = 32  # average active latents per token (the batch budget is k * B)
     k_aux: int | None = None  # training: None -> d_in // 2
-    auxk_coef: float = 1 / 32  # training
+    auxk_coef: float = 1 / 8  # training: 4x TopK's 1/32, see the module docstring
     threshold_decay: float = 0.95  # training: EMA decay of the inference threshold, per step
 
     def __post_init__(self) -> None:
