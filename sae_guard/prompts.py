@@ -410,7 +410,7 @@ def _with_ordinary(data: ConceptData, folder: str | os.PathLike | None, seed: in
     artist-laden prompts of DiffusionDB. User prompts naming any of the concept's `names` are left out.
     """
     excluded = set(evaluation_prompts(folder, seed)) | {p for s in SPLITS for p in data.split(s).target}
-    key = lambda p: _hash_key(seed, f"{data.name}/ordinary", p)  # noqa: E731
+    key = lambda p: _hash_key(seed, f"{data.name}/ordinary", p)
     captions = sorted((p for p in coco(folder) if p not in excluded), key=key)[:n]
     named = re.compile("|".join(re.escape(name) for name in names), re.IGNORECASE)
     users = sorted((p for p in user_prompts(folder, seed) if p not in excluded and not named.search(p)), key=key)[:n]

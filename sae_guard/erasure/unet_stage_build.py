@@ -79,9 +79,12 @@ def build_unet_stages(t2i: T2IRecipe, pipe: Any, fprs: Sequence[float] | None = 
     tokens = harvest_block(pipe, spec.block, sae_captions, settings, IMAGE_SEEDS["sae"])
     width = tokens.shape[-1]
     torch.manual_seed(t2i.recipe.sae.seed)
-    sae = SAE.create("topk", d_in=width, d_sae=SAE_EXPANSION * width, k=SAE_K)
-    result = train(sae, tokens.reshape(-1, width), tokens=spec.sae_tokens,
-                   batch_size=min(4096, spec.sae_tokens), progress=progress)
+    batch_size = min(4096, spec.sae_tokens)
+    # the rate and dead window the shipped stages were built with (before the narrow-input defaults)
+    sae = SAE.create("topk", d_in=width, d_sae=SAE_EXPANSION * width, k=SAE_K,
+                     dead_tokens=min(10_000_000, max(spec.sae_tokens // 10, batch_size)))
+    result = train(sae, tokens.reshape(-1, width), tokens=spec.sae_tokens, batch_size=batch_size, lr=sae.width_lr(),
+                   progress=progress)
     sae = result.sae.train(False)
     images = {}
     for split, captions in (("fit", fit), ("calibrate", calibrate)):

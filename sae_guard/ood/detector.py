@@ -38,7 +38,6 @@ preprocessed tensors). The model must be a timm classifier (`forward_features` /
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -268,7 +267,7 @@ def train_ood_sae(model: nn.Module, hookpoint: str, images: Any, *, d_sae: int, 
     """A TopK SAE trained on the in-distribution images' tokens at `hookpoint` only; returns it (eval mode) and its
     training figures.
 
-    lr: None is Gao et al.'s 1/sqrt(d_sae) rate (`SAE.base_lr / sqrt(d_sae / 2**14)`) without the raise that
+    lr: None is Gao et al.'s 1/sqrt(d_sae) rate (`SAE.width_lr`) without the raise that
     `SAE.default_lr` gives inputs narrower than 768. The fit set is a few thousand tokens replayed for many passes,
     and the raised rate trades the code geometry the kNN score reads for reconstruction: the shipped ViT's blocks.2
     (96-d), 2,040 tokens, d_sae 128, 150k tokens: FVU 0.126 -> 0.066 but sae_knn's noise AUROC 0.94 -> 0.52 (0.97
@@ -281,6 +280,6 @@ def train_ood_sae(model: nn.Module, hookpoint: str, images: Any, *, d_sae: int, 
     torch.manual_seed(seed)
     sae = SAE.create("topk", d_in=acts.shape[1], d_sae=d_sae, k=k,
                      dead_tokens=min(10_000_000, max(tokens // 10, batch_size)))
-    lr = sae.base_lr / math.sqrt(d_sae / 2**14) if lr is None else lr
+    lr = sae.width_lr() if lr is None else lr
     sae, figures = train(sae, acts, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
     return sae.eval(), figures

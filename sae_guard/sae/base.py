@@ -111,7 +111,12 @@ class SAE(nn.Module):
         the factor stops at `MAX_NARROW_INPUT_FACTOR` so toy widths (d_in 16) do not get a 48x step.
         """
         narrow = min(MAX_NARROW_INPUT_FACTOR, max(1.0, LR_REFERENCE_WIDTH / self.d_in))
-        return self.base_lr / math.sqrt(self.d_sae / 2**14) * narrow
+        return self.width_lr() * narrow
+
+    def width_lr(self) -> float:
+        """Gao et al.'s rule alone, base_lr / sqrt(d_sae / 2**14): the default before the narrow-input raise, which
+        the SAEs shipped before it were trained with (their builds pin it)."""
+        return self.base_lr / math.sqrt(self.d_sae / 2**14)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
