@@ -67,6 +67,7 @@ class StudyConfig:
     tokens: int = 600_000
     batch_size: int = 1024
     lr: float = 2e-4  # the variant's default (1.1e-3 at 512 concepts) diverges on these tokens
+    dead_tokens: int = 60_000  # a tenth of the run, the window the recorded study figures were measured with
     steps: int | None = None  # denoising steps (None: the recipe's)
     seed: int = 0
     pair_swap: dict[str, str] = field(default_factory=lambda: {s: ("circle" if s != "circle" else "square")
@@ -119,7 +120,7 @@ def fit_sae(tokens: Tensor, cfg: StudyConfig) -> tuple[SAE, dict[str, float]]:
     # Candidate points are data rows, so unit-norm rows keep atoms and codes near 1 (raw tokens, norm ~10, start
     # with a reconstruction 10x too large and the loss diverges); the caller scales every token set the same way.
     torch.manual_seed(cfg.seed)
-    sae = SAE.create("archetypal", d_in=rows.shape[1], d_sae=cfg.d_sae, k=cfg.k)
+    sae = SAE.create("archetypal", d_in=rows.shape[1], d_sae=cfg.d_sae, k=cfg.k, dead_tokens=cfg.dead_tokens)
     sae, metrics = train(sae, rows, tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     return sae.eval(), {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
