@@ -90,7 +90,7 @@ def screened_topk(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, encoder: Bf
     x_lo = (x_aug - high_x.float()).norm(dim=-1)
     x_norm = x_aug.norm(dim=-1)
 
-    approx = F.linear(high_x, high_w)  # (rows, d_sae) bf16
+    approx = F.linear(high_x, high_w).float()  # bf16 products, ranked in fp32 (CPU max-pool and top-k run faster)
     candidates = row_topk(approx, width)
     screened = approx.gather(-1, candidates).float()
     values = _sampled_linear(x_c, row_major, candidates) + bias[candidates]
