@@ -85,8 +85,10 @@ def main() -> None:
     acts = torch.cat([capture_hidden(point, sae_pixels[i:i + 256]) for i in range(0, len(sae_pixels), 256)])
     acts = acts.reshape(-1, acts.shape[-1])
     torch.manual_seed(0)
-    sae, figures = train(SAE.create("topk", d_in=acts.shape[1], d_sae=args.d_sae, k=args.k), acts,
-                         tokens=args.tokens, batch_size=1024, seed=0, progress=False)
+    # the rate and dead window its recorded figures were measured with (before the narrow-input defaults)
+    sae = SAE.create("topk", d_in=acts.shape[1], d_sae=args.d_sae, k=args.k,
+                     dead_tokens=min(10_000_000, max(args.tokens // 10, 1024)))
+    sae, figures = train(sae, acts, tokens=args.tokens, batch_size=1024, lr=sae.width_lr(), seed=0, progress=False)
     sae.eval()
     print(f"SAE on {len(acts)} tokens ({args.hookpoint}): FVU {figures['fvu']:.4f}, {time.time() - t0:.0f}s")
 
