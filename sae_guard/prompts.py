@@ -344,8 +344,8 @@ def register_prompts(name: str, folder: str | os.PathLike | None = None, seed: i
 
 def written_prompts(folder: str | os.PathLike | None = None, seed: int = SEED,
                     names: Iterable[str] = tuple(CONCEPT_NAMES)) -> set[str]:
-    """Every `register_prompts` prompt. Kept out of `sae_training_prompts`; a recipe whose concepts are the register
-    datasets trains its SAE on their fit split, like any concept's, and never on their calibrate or test parts."""
+    """Every `register_prompts` prompt. An SAE trains on them only through a register dataset's fit split
+    (`training_pool`), never on their calibrate or test parts."""
     return {p for name in names if name in CONCEPT_NAMES for side in register_prompts(name, folder, seed) for p in side}
 
 
@@ -556,24 +556,28 @@ def sae_training_prompts(
     folder: str | os.PathLike | None = None, seed: int = SEED, include_fit: bool = True,
     exclude_evaluation: bool = True,
 ) -> list[str]:
-    """Prompts to train the SAE on: COCO, DiffusionDB 10k and NSFW, I2P, celebrity_100, art_100, character.
-
-    Every calibrate and test prompt of every concept is removed, so a threshold or a test figure never rests on a
-    prompt the SAE was trained on. `include_fit` adds each concept's fit split (its pair sides and, where
-    the recipe does not name them as a set, the DiffusionDB NSFW prompts nudity features are learnt from, as ItD's
-    nudity SAE was); `exclude_evaluation` also removes the
-    attack sets, COCO val and DiffusionDB val (`evaluation_prompts`).
-    """
-    datasets = [build(folder, seed) for build in CONCEPTS.values()]
-    removed = set().union(*(d.held_out() for d in datasets))
-    if exclude_evaluation:
-        removed |= set(evaluation_prompts(folder, seed))
+    """Prompts to train the SAE on: COCO, DiffusionDB 10k and NSFW, I2P, celebrity_100, art_100, character, with
+    the three concepts' register datasets (what pipelines/minilm-prompts.toml names); see `training_pool`."""
     sources = [coco, diffusiondb, diffusiondb_nsfw, i2p, celebrity_100, art_100, character]
     pool = [p for source in sources for p in source(folder=folder)]
-    if include_fit:
-        pool += [p for d in datasets for p in (*d.fit.target, *d.fit.retain)]
-    removed |= written_prompts(folder, seed)
-    return [p for p in clean(pool) if p not in removed]
+    datasets = [nudity_registers(folder, seed), celebrity_registers(folder, seed), vangogh_registers(folder, seed)]
+    return training_pool(pool, datasets, folder, seed, include_fit, exclude_evaluation)
+
+
+def training_pool(pool: Sequence[str], datasets: Sequence[ConceptData], folder: str | os.PathLike | None = None,
+                  seed: int = SEED, include_fit: bool = True, exclude_evaluation: bool = True) -> list[str]:
+    """An SAE's training prompts: `pool` plus, with `include_fit`, each concept's fit split, minus every calibrate
+    and test prompt of every concept (a threshold or a test figure never rests on a prompt the SAE was trained on)
+    and, with `exclude_evaluation`, the attack sets, COCO val and DiffusionDB val (`evaluation_prompts`).
+
+    Written register prompts train it only through a fit split named in `datasets`, never through a pool.
+    """
+    fit = [p for d in datasets for p in (*d.fit.target, *d.fit.retain)] if include_fit else []
+    removed = set().union(*(d.held_out() for d in datasets))
+    removed |= written_prompts(folder, seed, [d.name for d in datasets]) - set(fit)
+    if exclude_evaluation:
+        removed |= set(evaluation_prompts(folder, seed))
+    return [p for p in clean([*pool, *fit]) if p not in removed]
 
 
 def main() -> None:

@@ -151,9 +151,13 @@ def tiny_data_folder(data: Path) -> Path:
     data.mkdir()
     write_csv(data / "coco_30k.csv", ["prompt"], [[f"{s}, photo number {i}"] for i in range(4) for s in SCENES])
     write_csv(data / "coco_30k_val.csv", ["prompt"], [[f"{s}, seen from above"] for s in SCENES])
-    write_csv(data / "diffusiondb10K.csv", ["prompt"], [[f"{s}, trending on artstation"] for s in SCENES])
+    write_csv(data / "diffusiondb10K.csv", ["prompt", "image_nsfw"],
+              [[f"{s}, trending on artstation", "0.01"] for s in SCENES])
+    write_csv(data / "diffusiondb_nsfw.csv", ["prompt"], [["a nude figure, trending on artstation"]])
     write_csv(data / "unlearndiffatk_nudity.csv", ["prompt"], [["a nude figure"]])
-    write_csv(data / "i2p.csv", ["prompt", "categories"], [["a nude figure, oil", "sexual"], ["a fight", "violence"]])
+    # "a fight" drew some nudity, so it is no benign user prompt: the tiny concept data stays captions and pairs
+    write_csv(data / "i2p.csv", ["prompt", "categories", "nudity_percentage"],
+              [["a nude figure, oil", "sexual", "80.0"], ["a fight", "violence", "20.0"]])
     write_csv(data / "concept_pairs_vangogh.csv", ["sensitive prompt", "normal prompt"],
               [[f"{s}, {when}, in the style of Van Gogh", f"{s}, {when}"] for s in SCENES for when in TIMES])
     return data

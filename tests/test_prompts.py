@@ -169,7 +169,7 @@ def test_heldout_celebrity_names_every_target_in_three_casings_and_no_target_amo
         P.heldout("cats", folder)
 
 
-def test_register_datasets_add_the_written_prompts_to_every_split_and_keep_them_out_of_sae_training(folder):
+def test_register_datasets_add_the_written_prompts_to_every_split_and_train_the_sae_on_their_fit_split(folder):
     for name in CONCEPT_NAMES:
         plain, written = P.concept(name, folder), getattr(P, f"{name}_registers")(folder)
         targets, retains = P.register_prompts(name, folder)
@@ -178,4 +178,7 @@ def test_register_datasets_add_the_written_prompts_to_every_split_and_keep_them_
             extra_r = set(written.split(split).retain) - set(plain.split(split).retain)
             assert extra_t and extra_t <= set(targets) and extra_r and extra_r <= set(retains), (name, split)
         assert not set(targets) & set(retains)
-    assert not P.written_prompts(folder) & set(P.sae_training_prompts(folder))
+    written, training = P.written_prompts(folder), set(P.sae_training_prompts(folder))
+    fits = {p for name in CONCEPT_NAMES for p in (*getattr(P, f"{name}_registers")(folder).fit.target,
+                                                   *getattr(P, f"{name}_registers")(folder).fit.retain)}
+    assert written & fits and written & training == written & fits  # fit splits train the SAE, nothing else does

@@ -199,8 +199,9 @@ def test_shipped_guard_loads_fp32_and_keeps_its_calibration(shipped_guard):
     assert sae.W_enc.dtype == torch.float32
     calibration = {c.name: c.calibration for c in shipped_guard.concepts}
     assert all(c["fpr"] <= c["fpr_target"] + 1e-9 for c in calibration.values())
-    # calibrate splits written in many registers (euphemisms, other languages, misspellings): nudity's is the hardest
-    assert calibration["nudity"]["tpr"] >= 0.85 and calibration["vangogh"]["tpr"] == 1.0
+    # calibrate splits written in many registers (euphemisms, other languages, misspellings) against benign prompts
+    # of the targets' own sources: nudity's is the hardest (0.63 at 0.4% FPR, model_cards/minilm-prompts.md)
+    assert calibration["nudity"]["tpr"] >= 0.6 and calibration["vangogh"]["tpr"] == 1.0
 
 
 @pytest.mark.parametrize("prompt, expected, others", [

@@ -48,21 +48,15 @@ def concept_datasets(recipe: Recipe, data_dir: str | Path | None = None) -> dict
 
 def training_prompts(recipe: Recipe, data_dir: str | Path | None = None) -> list[str]:
     """The SAE's training prompts: the recipe's sets (+ concept fit splits), minus every held-out prompt."""
-    datasets = concept_datasets(recipe, data_dir).values()
+    datasets = list(concept_datasets(recipe, data_dir).values())
     pool: list[str] = []
     for name in recipe.data.sets:
         prompts = prompt_function(name, "sets")(folder=data_dir)
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise RecipeError(f"sae_guard.prompts.{name} did not return a list of prompts")
         pool += prompts
-    fit = [p for d in datasets for p in (*d.fit.target, *d.fit.retain)] if recipe.data.concept_fit else []
-    pool += fit
-    removed = set().union(*(d.held_out() for d in datasets))
-    # written prompts train the SAE only through a fit split the recipe names (never their calibrate and test parts)
-    removed |= prompt_sets.written_prompts(data_dir, recipe.data.split_seed, [d.name for d in datasets]) - set(fit)
-    if recipe.data.exclude_evaluation:
-        removed |= set(prompt_sets.evaluation_prompts(data_dir, seed=recipe.data.split_seed))
-    return [p for p in prompt_sets.clean(pool) if p not in removed]
+    return prompt_sets.training_pool(pool, datasets, data_dir, recipe.data.split_seed, recipe.data.concept_fit,
+                                     recipe.data.exclude_evaluation)
 
 
 def concept_prompts(datasets: Mapping[str, prompt_sets.ConceptData]) -> list[str]:
