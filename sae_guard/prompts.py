@@ -16,9 +16,9 @@ measured on prompts no method saw.
 Sizes with the shared data and seed 0 (`python -m sae_guard.prompts` prints them):
 
     concept    split      target  retain
-    nudity     fit          3618   22625
-    nudity     calibrate    1206    7542
-    nudity     test         1206    7541
+    nudity     fit           112   22295
+    nudity     calibrate      38    7432
+    nudity     test           37    7431
     celebrity  fit           100    1400
     celebrity  calibrate      50     500
     celebrity  test          100     600
@@ -27,9 +27,10 @@ Sizes with the shared data and seed 0 (`python -m sae_guard.prompts` prints them
     vangogh    test           20     420
 
 `<concept>_registers` (what pipelines/minilm-prompts.toml names) adds the prompts written for each concept in many
-registers (`register_prompts`, from concept_data/fitting.toml), split 0.6 / 0.2 / 0.2 by hash (nudity 3978 / 22985
-fit, celebrity 490 / 2336, Van Gogh 54 / 1297); a recipe that names them trains its SAE on their fit split only. The held-out
-evaluation sets (`heldout`, concept_data/heldout.toml) are written apart from all of these and only reported on.
+registers (`register_prompts`, from concept_data/fitting.toml), split 0.6 / 0.2 / 0.2 by hash (nudity 472 / 22655
+fit, celebrity 490 / 2336, Van Gogh 54 / 1297); a recipe that names them trains its SAE on their fit split only. The
+held-out evaluation sets (`heldout`, concept_data/heldout.toml) are written apart from all of these and only
+reported on.
 """
 
 from __future__ import annotations
