@@ -35,6 +35,7 @@ from sae_guard.hooks.gate import Edit
 from sae_guard.hooks.hookpoints import find_hookpoint
 from sae_guard.shapes.vision import (CLIP_DIR, HELDOUT_SEED, TRAIN_SEED, class_text_features, load_clip)
 from sae_guard.shapes.world import COLOURS, SHAPES, ShapesWorld, to_tensor
+from sae_guard.train.trainer import tenth_of_run_dead_tokens
 
 STRENGTHS = (0.0, -2.0, -4.0, -8.0)
 
@@ -87,7 +88,7 @@ def main() -> None:
     torch.manual_seed(0)
     # the rate and dead window its recorded figures were measured with (before the narrow-input defaults)
     sae = SAE.create("topk", d_in=acts.shape[1], d_sae=args.d_sae, k=args.k,
-                     dead_tokens=min(10_000_000, max(args.tokens // 10, 1024)))
+                     dead_tokens=tenth_of_run_dead_tokens(args.tokens, 1024))
     sae, figures = train(sae, acts, tokens=args.tokens, batch_size=1024, lr=sae.width_lr(), seed=0, progress=False)
     sae.eval()
     print(f"SAE on {len(acts)} tokens ({args.hookpoint}): FVU {figures['fvu']:.4f}, {time.time() - t0:.0f}s")

@@ -179,6 +179,6 @@ def test_register_datasets_add_the_written_prompts_to_every_split_and_train_the_
             assert extra_t and extra_t <= set(targets) and extra_r and extra_r <= set(retains), (name, split)
         assert not set(targets) & set(retains)
     written, training = P.written_prompts(folder), set(P.sae_training_prompts(folder))
-    fits = {p for name in CONCEPT_NAMES for p in (*getattr(P, f"{name}_registers")(folder).fit.target,
-                                                   *getattr(P, f"{name}_registers")(folder).fit.retain)}
+    fit_splits = [getattr(P, f"{name}_registers")(folder).fit for name in CONCEPT_NAMES]
+    fits = {p for split in fit_splits for p in (*split.target, *split.retain)}
     assert written & fits and written & training == written & fits  # fit splits train the SAE, nothing else does

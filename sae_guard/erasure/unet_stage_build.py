@@ -33,6 +33,7 @@ from ..hooks.hookpoints import hidden_of
 from ..recipes import Recipe, RecipeError, load_recipe, make_readable, prompt_function
 from ..sae.base import SAE
 from ..train import train
+from ..train.trainer import tenth_of_run_dead_tokens
 from .loading import UNET_STAGE_FOLDER, T2IRecipe, load_t2i_pipeline, load_t2i_recipe
 from .methods import T2ISettings, draw
 
@@ -82,7 +83,7 @@ def build_unet_stages(t2i: T2IRecipe, pipe: Any, fprs: Sequence[float] | None = 
     batch_size = min(4096, spec.sae_tokens)
     # the rate and dead window the shipped stages were built with (before the narrow-input defaults)
     sae = SAE.create("topk", d_in=width, d_sae=SAE_EXPANSION * width, k=SAE_K,
-                     dead_tokens=min(10_000_000, max(spec.sae_tokens // 10, batch_size)))
+                     dead_tokens=tenth_of_run_dead_tokens(spec.sae_tokens, batch_size))
     result = train(sae, tokens.reshape(-1, width), tokens=spec.sae_tokens, batch_size=batch_size, lr=sae.width_lr(),
                    progress=progress)
     sae = result.sae.train(False)

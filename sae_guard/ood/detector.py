@@ -274,12 +274,13 @@ def train_ood_sae(model: nn.Module, hookpoint: str, images: Any, *, d_sae: int, 
     at 4e-3, 0.86 at 8e-3). The dead-latent window stays a tenth of the run. With both, the SAE is the one the OOD
     figures in benchmarks/RESULTS.md were measured with."""
     from ..train import train  # noqa: PLC0415
+    from ..train.trainer import tenth_of_run_dead_tokens  # noqa: PLC0415
 
     acts = harvest_tokens(model, hookpoint, images)
     batch_size = min(1024, len(acts))
     torch.manual_seed(seed)
     sae = SAE.create("topk", d_in=acts.shape[1], d_sae=d_sae, k=k,
-                     dead_tokens=min(10_000_000, max(tokens // 10, batch_size)))
+                     dead_tokens=tenth_of_run_dead_tokens(tokens, batch_size))
     lr = sae.width_lr() if lr is None else lr
     sae, figures = train(sae, acts, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
     return sae.eval(), figures

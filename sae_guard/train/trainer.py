@@ -77,6 +77,12 @@ def default_dead_tokens(tokens: int, batch_size: int) -> int:
     return min(10_000_000, max(tokens // 100, 10 * batch_size))
 
 
+def tenth_of_run_dead_tokens(tokens: int, batch_size: int) -> int:
+    """The dead-latent window before `default_dead_tokens`: a tenth of the run, at least one batch, at most 10M
+    tokens. SAEs trained and recorded under it pin it, so their builds still reproduce them."""
+    return min(10_000_000, max(tokens // 10, batch_size))
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
