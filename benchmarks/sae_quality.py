@@ -40,7 +40,7 @@ def run(arch: str, data: str, tokens: int, d_sae: int, seed: int) -> dict:
     held_out = ds.sample(65536, torch.Generator().manual_seed(10_000 + seed))[0]
     figures = evaluate(sae, held_out)
     return {"arch": arch, "data": data, "tokens": tokens, "seconds": round(seconds, 1),
-            "recovered": recovery(sae.W_dec, ds.atoms), "fvu": figures["fvu"], "l0": figures["l0"],
+            "recovered": recovery(sae.W_dec, ds.atoms, signed=sae.signed), "fvu": figures["fvu"], "l0": figures["l0"],
             "dead_fraction": figures["dead_fraction"]}
 
 

@@ -205,7 +205,28 @@ HELD_OUT = [
 
 
 @torch.no_grad()
-def recovery(W_dec: Tensor, atoms: Tensor, threshold: float = 0.9) -> float:
-    """Share of true atoms whose best-matching decoder row has cosine >= threshold."""
+def recovery(W_dec: Tensor, atoms: Tensor, threshold: float = 0.9, signed: bool = False) -> float:
+    """Share of true atoms whose best-matching decoder row has cosine >= threshold.
+
+    signed: the SAE's codes take both signs (`SAE.signed`, AbsTopK), so a row can hold an atom as its negative,
+    firing below zero where the atom is present; the match is then |cosine|.
+    """
     dec = W_dec.float() / W_dec.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return ((atoms.float() @ dec.T).amax(-1) >= threshold).float().mean().item()
+    cosines = atoms.float() @ dec.T
+    return ((cosines.abs() if signed else cosines).amax(-1) >= threshold).float().mean().item()
+
+
+@torch.no_grad()
+def oracle_fvu(x: Tensor, coeffs: Tensor, atoms: Tensor, k: int, per_token: bool = True) -> float:
+    """FVU of the planted atoms themselves under an SAE's budget: each sample's k largest true coefficients
+    (per_token) or the k * n largest of the whole set (a batch-level budget). Where k is below the true L0, the
+    dropped atoms' energy is a floor no SAE at that k goes under."""
+    if per_token:
+        top = coeffs.topk(min(k, coeffs.shape[-1]), dim=-1).indices
+        kept = torch.zeros_like(coeffs).scatter_(-1, top, coeffs.gather(-1, top))
+    else:
+        floor = coeffs.flatten().topk(min(k * len(coeffs), coeffs.numel())).values.min()
+        kept = coeffs * (coeffs >= floor)
+    residual = (x - kept @ atoms).pow(2).sum(-1).mean()
+    return (residual / (x - x.mean(0)).pow(2).sum(-1).mean()).item()
+

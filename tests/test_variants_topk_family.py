@@ -119,6 +119,33 @@ def test_batch_level_training_keeps_k_per_token_on_average(spec):
 
 
 @pytest.mark.parametrize("spec", BATCH_LEVEL)
+def test_trainer_runs_a_per_token_warmup_before_the_batch_rule(spec):
+    sae = make(spec)
+    x = data().batch(3)
+    per_token = lambda: (sae.training_forward(x).codes.values != 0).sum(-1)  # noqa: E731
+    assert not sae.in_warmup()  # outside a trainer: the batch rule
+    sae.training_progress = 0.9 * sae.cfg.topk_warmup
+    assert sae.in_warmup() and (per_token() == K).all()
+    sae.training_progress = sae.cfg.topk_warmup
+    after = per_token()
+    assert not sae.in_warmup() and after.max() > after.min()
+    seen = []
+    forward = sae.training_forward
+    sae.training_forward = lambda batch, dead: (seen.append(sae.training_progress), forward(batch, dead))[1]
+    sae_guard.train(sae, data(), tokens=BATCH * 6, batch_size=BATCH, progress=False)
+    assert seen == [step / 6 for step in range(6)] and sae.training_progress is None
+
+
+def test_warmup_can_be_turned_off_and_is_validated():
+    sae = SAE.create("batchtopk", d_in=D_IN, d_sae=D_SAE, k=K, topk_warmup=0.0)
+    sae.training_progress = 0.0
+    per_token = (sae.training_forward(data().batch(3)).codes.values != 0).sum(-1)
+    assert per_token.max() > per_token.min()
+    with pytest.raises(ValueError, match="topk_warmup"):
+        SAE.create("batchtopk", d_in=D_IN, d_sae=D_SAE, k=K, topk_warmup=1.5)
+
+
+@pytest.mark.parametrize("spec", BATCH_LEVEL)
 def test_threshold_is_learned_and_inference_is_batch_independent(spec, tmp_path):
     sae, _, _ = trained(spec)
     assert (sae.threshold > 0).any()

@@ -3,7 +3,9 @@
 import torch
 
 from sae_guard import SAE
-from sae_guard.synthetic import GENERATORS, HELD_OUT, Generator, planted, planted_hierarchical, recovery
+from sae_guard.synthetic import (
+    GENERATORS, HELD_OUT, Generator, oracle_fvu, planted, planted_hierarchical, recovery,
+)
 
 
 def test_family_spans_k_above_and_below_true_sparsity_within_two():
@@ -52,3 +54,22 @@ def test_an_sae_seeded_like_the_data_does_not_start_at_the_planted_atoms():
             torch.manual_seed(seed)
             sae = SAE.create("topk", d_in=ds.d, d_sae=1024, k=6)
             assert recovery(sae.W_dec, ds.atoms) < 0.05, seed
+
+
+def test_recovery_of_a_signed_sae_matches_atoms_held_as_their_negatives():
+    ds = planted(d=32, n_atoms=64, seed=3)
+    flipped = torch.where(torch.arange(64)[:, None] % 2 == 0, ds.atoms, -ds.atoms)
+    assert recovery(flipped, ds.atoms) == 0.5
+    assert recovery(flipped, ds.atoms, signed=True) == 1.0
+    assert SAE.create("abstopk", d_in=32, d_sae=64, k=3).signed
+    assert not SAE.create("topk", d_in=32, d_sae=64, k=3).signed
+
+
+def test_oracle_fvu_is_the_floor_of_a_budget_below_the_true_sparsity():
+    ds = planted(d=32, n_atoms=64, active=4.0, noise=0.0, seed=2)
+    x, coeffs = ds.sample(4096, torch.Generator().manual_seed(0))
+    assert oracle_fvu(x, coeffs, ds.atoms, k=64) < 1e-6  # every atom kept, no noise: nothing unexplained
+    below = [oracle_fvu(x, coeffs, ds.atoms, k=k) for k in (1, 2, 3)]
+    assert below[0] > below[1] > below[2] > 0.01
+    # a batch-level budget of the same size puts the slots where the coefficients are largest
+    assert oracle_fvu(x, coeffs, ds.atoms, k=2, per_token=False) < below[1]

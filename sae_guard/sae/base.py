@@ -41,6 +41,11 @@ class SAE(nn.Module):
     # the default learning rate scales as 1/sqrt(d_sae) (Gao et al. 2024): lr = base_lr / sqrt(d_sae / 2**14),
     # times max(1, LR_REFERENCE_WIDTH / d_in) for inputs narrower than an LLM's residual stream (see default_lr)
     base_lr: ClassVar[float] = 2e-4
+    # codes take both signs (AbsTopK): a latent stands for its decoder row and its negative
+    signed: ClassVar[bool] = False
+    # share of the current training run done before this step, set by `sae_guard.train` (None outside it, as in a
+    # hand-written loop); variants with a schedule over the run read it
+    training_progress: float | None = None
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
