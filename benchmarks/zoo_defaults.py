@@ -86,6 +86,18 @@ def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, s
     return row
 
 
+def print_oracles(generators: list[Generator]) -> None:
+    """The FVU floor each budget leaves, before any SAE is trained."""
+    print(f"{'generator':24} {'true':>5}  oracle FVU per token / whole set at k = true L0 -2, -1, 0, +1, +2")
+    for gen in generators:
+        ds = gen.dataset()
+        x, coeffs = ds.sample(32768, torch.Generator().manual_seed(10_000 + gen.seed))
+        true = round(ds.expected_l0())
+        cells = [f"{oracle_fvu(x, coeffs, ds.atoms, k):.3f} / {oracle_fvu(x, coeffs, ds.atoms, k, False):.3f}"
+                 for k in range(max(1, true - 2), true + 3)]
+        print(f"{gen.name:24} {ds.expected_l0():5.2f}  " + "   ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = [g.name for g in GENERATORS + HELD_OUT]
@@ -95,9 +107,14 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=1024)
     parser.add_argument("--probe-every", type=float, default=2.5e5, help="tokens between recovery checks")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--oracle-only", action="store_true",
+                        help="print each generator's oracle FVU at k = true L0 -2..+2 (per token / whole set) and stop")
     args = parser.parse_args()
     torch.set_num_threads(1)
     order = [g for g in GENERATORS + HELD_OUT if g.name in args.generators]
+    if args.oracle_only:
+        print_oracles(order)
+        return
     rows = []
     print(f"{'generator':24} {'arch':15} {'k':>3} {'true':>5} {'recovered':>9} {'fvu':>7} {'oracle':>7} {'l0':>6} "
           f"{'tok->0.9':>9} {'sec':>6}  target")
