@@ -220,7 +220,7 @@ def recovery(W_dec: Tensor, atoms: Tensor, threshold: float = 0.9, signed: bool 
 def oracle_fvu(x: Tensor, coeffs: Tensor, atoms: Tensor, k: int, per_token: bool = True) -> float:
     """FVU of the planted atoms themselves under an SAE's budget: each sample's k largest true coefficients
     (per_token) or the k * n largest of the whole set (a batch-level budget). Where k is below the true L0, the
-    dropped atoms' energy is a floor no SAE at that k goes under."""
+    dropped atoms' energy is a floor for an SAE that learns the atoms."""
     if per_token:
         top = coeffs.topk(min(k, coeffs.shape[-1]), dim=-1).indices
         kept = torch.zeros_like(coeffs).scatter_(-1, top, coeffs.gather(-1, top))
@@ -229,4 +229,3 @@ def oracle_fvu(x: Tensor, coeffs: Tensor, atoms: Tensor, k: int, per_token: bool
         kept = coeffs * (coeffs >= floor)
     residual = (x - kept @ atoms).pow(2).sum(-1).mean()
     return (residual / (x - x.mean(0)).pow(2).sum(-1).mean()).item()
-
