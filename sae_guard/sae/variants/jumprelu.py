@@ -14,6 +14,11 @@ Choices the paper leaves open, and why:
   (the paper's ε = 0.001 on activations normalised to unit mean squared norm).
 - θ is learned in log space (Adam on log θ, so its steps are relative and scale-free) while the
   parameter `threshold` always holds θ itself, which is what is saved and what SAELens's files hold.
+
+Budget: JumpReLU learns slower than TopK at the same L0, since a latent's threshold, not a rank, decides whether
+it fires and gets a gradient. On planted 128-d data (`benchmarks/zoo_defaults.py`, generator base, d_sae 1024,
+target_l0 6, defaults) it recovered 0.873 of the atoms in 6M tokens and 0.941 in 12M, passing 0.9 at 7.0M,
+where TopK passes it at 0.5M: give it about 2.5x the tokens of a TopK run.
 """
 
 from __future__ import annotations
