@@ -60,6 +60,11 @@ class RecoveryProbe:
             yield batch
 
 
+def evaluation_sample(gen: Generator, ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 32,768 fresh samples (and their true coefficients) every figure of `gen` is measured on."""
+    return ds.sample(32768, torch.Generator().manual_seed(10_000 + gen.seed))
+
+
 def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, seed: int = 0) -> dict:
     ds = gen.dataset()
     k = gen.k(ds)
@@ -71,7 +76,7 @@ def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, s
     sae, _ = sae_guard.train(sae, probe, tokens=tokens, batch_size=batch_size, progress=False, seed=seed)
     seconds = time.perf_counter() - start
     sae.eval()
-    held_out, coeffs = ds.sample(32768, torch.Generator().manual_seed(10_000 + gen.seed))
+    held_out, coeffs = evaluation_sample(gen, ds)
     figures = evaluate(sae, held_out)
     per_token = arch == "topk" or not getattr(sae, "batch_level", True)  # jumprelu, gba: L0 varies per token
     rec = recovery(sae.W_dec, ds.atoms, signed=sae.signed)
@@ -91,7 +96,7 @@ def print_oracles(generators: list[Generator]) -> None:
     print(f"{'generator':24} {'true':>5}  oracle FVU per token / whole set at k = true L0 -2, -1, 0, +1, +2")
     for gen in generators:
         ds = gen.dataset()
-        x, coeffs = ds.sample(32768, torch.Generator().manual_seed(10_000 + gen.seed))
+        x, coeffs = evaluation_sample(gen, ds)
         true = round(ds.expected_l0())
         cells = [f"{oracle_fvu(x, coeffs, ds.atoms, k):.3f} / {oracle_fvu(x, coeffs, ds.atoms, k, False):.3f}"
                  for k in range(max(1, true - 2), true + 3)]
@@ -108,7 +113,7 @@ def main() -> None:
     parser.add_argument("--probe-every", type=float, default=2.5e5, help="tokens between recovery checks")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--oracle-only", action="store_true",
-                        help="print each generator's oracle FVU at k = true L0 -2..+2 (per token / whole set) and stop")
+                        help="print each generator's oracle FVU at k = true L0 -2..+2 (per token / set), then stop")
     args = parser.parse_args()
     torch.set_num_threads(1)
     order = [g for g in GENERATORS + HELD_OUT if g.name in args.generators]

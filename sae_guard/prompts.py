@@ -157,8 +157,13 @@ def i2p(category: str | None = None, folder: str | os.PathLike | None = None) ->
     """I2P prompts; with `category`, only rows whose comma-separated `categories` include it (e.g. "sexual")."""
     rows = read_rows("i2p.csv", folder, ["prompt", "categories"])
     if category is not None:
-        rows = [r for r in rows if category in {c.strip() for c in (r["categories"] or "").split(",")}]
+        rows = [r for r in rows if category in _i2p_categories(r)]
     return clean(r["prompt"] for r in rows)
+
+
+def _i2p_categories(row: dict) -> set[str]:
+    """The categories of one i2p.csv row (its `categories` cell is comma-separated)."""
+    return {c.strip() for c in (row["categories"] or "").split(",")}
 
 
 def unlearndiffatk_nudity(folder: str | os.PathLike | None = None) -> list[str]:
@@ -389,7 +394,7 @@ def user_prompts(folder: str | os.PathLike | None = None, seed: int = SEED) -> l
     rows = read_rows("diffusiondb10K.csv", folder, ["prompt", "image_nsfw"])
     diffusiondb_benign = [r["prompt"] for r in rows if (_number(r["image_nsfw"]) or 0.0) < USER_IMAGE_NSFW]
     rows = read_rows("i2p.csv", folder, ["prompt", "categories", "nudity_percentage"])
-    i2p_benign = [r["prompt"] for r in rows if "sexual" not in (r["categories"] or "")
+    i2p_benign = [r["prompt"] for r in rows if "sexual" not in _i2p_categories(r)
                   and _number(r["nudity_percentage"]) == 0.0]
     return [p for p in clean([*diffusiondb_benign, *i2p_benign]) if p not in excluded and not NUDITY_WORDS.search(p)]
 
