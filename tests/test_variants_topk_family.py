@@ -146,6 +146,26 @@ def test_warmup_can_be_turned_off_and_is_validated():
 
 
 @pytest.mark.parametrize("spec", BATCH_LEVEL)
+def test_a_run_that_ends_in_the_warmup_learns_the_batch_rules_threshold(spec):
+    """Per-token minima would set the threshold far below the batch rule's cut (and inference far above k)."""
+    arch, _, selection = spec.partition(":")
+    extra = {"selection": selection} if selection else {}
+    torch.manual_seed(0)
+    sae = SAE.create(arch, d_in=D_IN, d_sae=D_SAE, k=K, topk_warmup=1.0, threshold_decay=0.0, **extra)
+    sae, _ = sae_guard.train(sae, data(), tokens=BATCH * 40, batch_size=BATCH, progress=False)
+    x = data().batch(7)
+    sae.training_progress = 0.0  # the last step's selection, made again on a fresh batch
+    with torch.no_grad():
+        cut = sae.kept_minimum(sae.select_batch(sae.pre_acts(x)))
+    sae.training_progress = None
+    seen = torch.isfinite(cut)
+    ratio = (sae.threshold[seen] / cut[seen].to(sae.threshold)).median().item()  # feature_choice: one per latent
+    assert 2 / 3 < ratio < 3 / 2
+    l0 = (sae.encode(data().sample(2048, torch.Generator().manual_seed(99))[0]) != 0).sum(-1).float().mean().item()
+    assert 0.5 * K < l0 < 2 * K
+
+
+@pytest.mark.parametrize("spec", BATCH_LEVEL)
 def test_threshold_is_learned_and_inference_is_batch_independent(spec, tmp_path):
     sae, _, _ = trained(spec)
     assert (sae.threshold > 0).any()

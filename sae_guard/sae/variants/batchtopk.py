@@ -4,7 +4,8 @@ In training the batch shares one sparsity budget: the k * B largest activations 
 matrix are kept, so hard tokens use more latents than easy ones while L0 averages exactly k. That
 selection depends on the rest of the batch, so inference instead keeps every activation above one
 threshold θ (a JumpReLU with a shared threshold), learned during training as an exponential moving
-average of the smallest kept activation of each batch and saved as the buffer `threshold`.
+average of the smallest kept activation of each batch and saved as the buffer `threshold`. During the
+per-token warm-up (below) it learns from the cut the batch rule would make, so a run stopped there infers at k.
 
 Choices: the EMA starts from the first batch's value (dictionary_learning) rather than from 0, and
 updates every step with decay `threshold_decay` = 0.95 (Bussmann: 0.99): the kept minimum is the (k * B)-th
@@ -135,7 +136,18 @@ class BatchTopKSAE(SAE):
     def after_optimizer_step(self, step: Step) -> None:
         super().after_optimizer_step(step)
         if self.batch_level:
-            self.update_threshold(step.codes)
+            self.update_threshold(self.threshold_codes(step))
+
+    @torch.no_grad()
+    def threshold_codes(self, step: Step) -> SparseCodes:
+        """The codes the inference threshold learns from: the batch rule's, even while training selects per token.
+
+        Per-token minima sit far below the batch rule's cut (some token always has a weak k-th activation), so a
+        threshold learnt from them would let inference keep many times k latents per token.
+        """
+        if self.in_warmup() and step.pre_acts is not None:
+            return self.select_batch(step.pre_acts)
+        return step.codes
 
     @torch.no_grad()
     def kept_minimum(self, codes: SparseCodes) -> Tensor:
