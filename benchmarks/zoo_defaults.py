@@ -9,8 +9,9 @@ true atoms matched at cosine >= 0.9 (recovery), FVU and L0 of `sae(x)` in eval m
 the oracle FVU (the planted atoms' own FVU under the same budget: each sample's k largest coefficients, or the
 set's k * n largest for variants whose L0 varies per token; the floor where k is below the true L0), and
 tokens-to-0.9-recovery (recovery checked every `--probe-every` tokens during training; "-" when never
-reached). The generators are `sae_guard.synthetic.GENERATORS`; the held-out settings (`HELD_OUT`, never
-used to choose defaults) come last. Single-threaded (torch.set_num_threads(1)), as the shared CPU needs.
+reached); on hierarchical data also parents and children recovered apart (`synthetic.hierarchy_recovery`).
+The generators are `sae_guard.synthetic.GENERATORS`; the held-out settings (`HELD_OUT`, never used to choose
+defaults) come last. Single-threaded (torch.set_num_threads(1)), as the shared CPU needs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 import sae_guard
 from sae_guard.sae.metrics import evaluate
-from sae_guard.synthetic import GENERATORS, HELD_OUT, Generator, oracle_fvu, recovery
+from sae_guard.synthetic import GENERATORS, HELD_OUT, Generator, hierarchy_recovery, oracle_fvu, recovery
 from sae_guard.train.data import make_stream
 
 VARIANTS = ["topk", "batchtopk", "abstopk", "matryoshka", "mutual_choice", "feature_choice", "jumprelu", "gba"]
@@ -87,6 +88,8 @@ def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, s
            "dead_fraction": figures["dead_fraction"],
            "tokens_to_0.9": probe.reached if probe.reached is not None else (tokens if rec >= 0.9 else None),
            "seconds": round(seconds, 1)}
+    if ds.parents is not None:
+        row.update(hierarchy_recovery(sae.W_dec.detach(), ds, signed=sae.signed))
     row["met"] = rec >= 0.9 and figures["fvu"] < 0.15 and (target_l0 is None or figures["l0"] <= 1.5 * target_l0)
     return row
 
@@ -134,6 +137,10 @@ def main() -> None:
             print(f"{gen.name + held:24} {arch:15} {row['k']:3d} {row['true_l0']:5.2f} {row['recovered']:9.3f} "
                   f"{row['fvu']:7.4f} {row['oracle_fvu']:7.4f} {row['l0']:6.2f} {reached:>9} {row['seconds']:6.1f}  "
                   f"{'met' if row['met'] else 'MISSED'}", flush=True)
+            if "parents_recovered" in row:
+                print(f"{'':24} parents recovered {row['parents_recovered']:.3f}, children "
+                      f"{row['children_recovered']:.3f}; parents' best rows: median cosine {row['parent_cosine']:.3f} "
+                      f"with the parent, {row['parent_with_children_cosine']:.3f} with parent + p * children")
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=2)

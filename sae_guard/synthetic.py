@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 DICTIONARY_SALT = 2**32 + 17  # keeps the atoms' random stream apart from torch.manual_seed(seed)
@@ -214,6 +215,31 @@ def recovery(W_dec: Tensor, atoms: Tensor, threshold: float = 0.9, signed: bool 
     dec = W_dec.float() / W_dec.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     cosines = atoms.float() @ dec.T
     return ((cosines.abs() if signed else cosines).amax(-1) >= threshold).float().mean().item()
+
+
+@torch.no_grad()
+def hierarchy_recovery(W_dec: Tensor, ds: PlantedDataset, signed: bool = False) -> dict[str, float]:
+    """Parents and children recovered apart, and what the parents' best rows hold instead (hierarchical data).
+
+    A row that absorbed its children's expected share points at parent + sum(p_child * child): the median best
+    cosine with that direction beside the median with the parent alone tells absorption from slow learning.
+    """
+    if ds.parents is None:
+        raise ValueError("hierarchy_recovery needs a hierarchical dataset (planted_hierarchical)")
+    roots, children = ds.parents < 0, (ds.parents >= 0).nonzero().squeeze(-1)
+    mixed = ds.atoms.float().clone()
+    mixed.index_add_(0, ds.parents[children], ds.probs[children, None].float() * ds.atoms[children].float())
+    dec = W_dec.float() / W_dec.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def best(directions: Tensor) -> Tensor:
+        cosines = F.normalize(directions, dim=-1) @ dec.T
+        return (cosines.abs() if signed else cosines).amax(-1)
+
+    atom_best, mixed_best = best(ds.atoms.float()), best(mixed[roots])
+    return {"parents_recovered": (atom_best[roots] >= 0.9).float().mean().item(),
+            "children_recovered": (atom_best[~roots] >= 0.9).float().mean().item(),
+            "parent_cosine": atom_best[roots].median().item(),
+            "parent_with_children_cosine": mixed_best.median().item()}
 
 
 @torch.no_grad()

@@ -92,7 +92,8 @@ def test_two_processes_train_the_same_sae_as_one(tmp_path):
 # Variants whose training state follows batch statistics (thresholds, densities, bias windows, schedules)
 # rather than gradients; each process sees only its shard, so they must reduce those statistics to agree.
 BATCH_STATISTIC_VARIANTS = {
-    "batchtopk": {"k": 4}, "matryoshka": {"k": 4}, "mutual_choice": {"k": 4}, "feature_choice": {"k": 4},
+    "batchtopk": {"k": 4}, "matryoshka": {"k": 4, "selection": "batch"}, "mutual_choice": {"k": 4},
+    "feature_choice": {"k": 4},
     "gba": {"adapt_tokens": 2048}, "variational": {"k": 4},
 }
 

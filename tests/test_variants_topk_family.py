@@ -21,7 +21,7 @@ from sae_guard.sae.variants.mutual_choice import aux_zipf_loss
 from sae_guard.synthetic import planted
 
 D_IN, D_SAE, K, BATCH = 16, 64, 3, 256
-BATCH_LEVEL = ["batchtopk", "mutual_choice", "feature_choice", "matryoshka", "abstopk:batch"]
+BATCH_LEVEL = ["batchtopk", "mutual_choice", "feature_choice", "matryoshka:batch", "abstopk:batch"]
 
 
 def data():
@@ -108,7 +108,7 @@ def test_afa_topk_picks_the_prefix_whose_norm_matches():
 
 
 # ---------------------------------------------------------------------------------- variants
-@pytest.mark.parametrize("spec", ["batchtopk", "mutual_choice", "matryoshka", "abstopk:batch"])
+@pytest.mark.parametrize("spec", ["batchtopk", "mutual_choice", "matryoshka:batch", "abstopk:batch"])
 def test_batch_level_training_keeps_k_per_token_on_average(spec):
     sae = make(spec)
     x = data().batch(3)
@@ -195,8 +195,8 @@ def test_threshold_ema_starts_from_first_batch_then_moves_slowly():
     torch.testing.assert_close(sae.threshold, expected.reshape(1))
 
 
-@pytest.mark.parametrize("spec", ["batchtopk", "abstopk", "abstopk:batch", "matryoshka", "mutual_choice",
-                                  "feature_choice", "top_afa"])
+@pytest.mark.parametrize("spec", ["batchtopk", "abstopk", "abstopk:batch", "matryoshka", "matryoshka:batch",
+                                  "mutual_choice", "feature_choice", "top_afa"])
 def test_short_training_lowers_fvu(spec):
     _, before, after = trained(spec)
     assert after < 0.5 * before and after < 0.6
@@ -216,9 +216,37 @@ def test_abstopk_keeps_signs_and_exactly_k_per_token():
     assert not hasattr(sae, "threshold")  # per-token selection needs none
 
 
-def test_abstopk_validates_selection():
+@pytest.mark.parametrize("spec", ["abstopk", "matryoshka", "batchtopk:token"])
+def test_token_selection_keeps_exactly_k_in_training_and_inference(spec):
+    sae = make(spec)
+    assert not sae.batch_level and not hasattr(sae, "threshold")
+    x = data().batch(3)
+    sae.training_progress = 0.9  # past any warm-up: still per token
+    assert ((sae.training_forward(x).codes.values != 0).sum(-1) == K).all()
+    sae.training_progress = None
+    assert ((sae.encode(x) != 0).sum(-1) == K).all()
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "abstopk", "matryoshka", "feature_choice"])
+def test_selection_is_validated(arch):
     with pytest.raises(ValueError, match="selection"):
-        SAE.create("abstopk", d_in=4, d_sae=8, k=2, selection="row")
+        SAE.create(arch, d_in=4, d_sae=8, k=2, selection="row")
+    with pytest.raises(ValueError, match="integer k"):
+        SAE.create(arch, d_in=4, d_sae=8, k=2.5, selection="token")
+
+
+def test_a_matryoshka_file_from_before_selection_loads_with_the_batch_rule(tmp_path):
+    """Files written before `selection` existed carry a threshold and no `selection`: they were batch-trained."""
+    import json
+
+    sae = make("matryoshka:batch")
+    sae.threshold.fill_(0.25)
+    folder = sae.save(tmp_path / "old")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["selection"]
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    loaded = SAE.load(folder)
+    assert loaded.cfg.selection == "batch" and loaded.threshold.item() == 0.25
 
 
 def test_matryoshka_groups_and_nested_losses():

@@ -1,10 +1,11 @@
 """The planted-generator family the zoo defaults are chosen on (sae_guard.synthetic.Generator)."""
 
+import pytest
 import torch
 
 from sae_guard import SAE
 from sae_guard.synthetic import (
-    GENERATORS, HELD_OUT, Generator, oracle_fvu, planted, planted_hierarchical, recovery,
+    GENERATORS, HELD_OUT, Generator, hierarchy_recovery, oracle_fvu, planted, planted_hierarchical, recovery,
 )
 
 
@@ -73,3 +74,18 @@ def test_oracle_fvu_is_the_floor_of_a_budget_below_the_true_sparsity():
     assert below[0] > below[1] > below[2] > 0.01
     # a batch-level budget of the same size puts the slots where the coefficients are largest
     assert oracle_fvu(x, coeffs, ds.atoms, k=2, per_token=False) < below[1]
+
+
+def test_hierarchy_recovery_tells_absorbed_parents_from_learnt_ones():
+    ds = planted_hierarchical(d=64, n_parents=16, children_per_parent=3, seed=4)
+    exact = hierarchy_recovery(ds.atoms, ds)
+    assert exact["parents_recovered"] == exact["children_recovered"] == 1.0
+    assert exact["parent_with_children_cosine"] < 0.9
+    absorbed = ds.atoms.clone()
+    children = (ds.parents >= 0).nonzero().squeeze(-1)
+    absorbed.index_add_(0, ds.parents[children], ds.probs[children, None] * ds.atoms[children])
+    report = hierarchy_recovery(absorbed, ds)
+    assert report["parents_recovered"] == 0.0 and report["children_recovered"] == 1.0
+    assert report["parent_with_children_cosine"] > 0.999 and report["parent_cosine"] < 0.9
+    with pytest.raises(ValueError, match="hierarchical"):
+        hierarchy_recovery(ds.atoms, planted(d=64, n_atoms=16, seed=4))

@@ -8,6 +8,7 @@ sae_guard architecture, so they give the same codes as the library that wrote th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -151,7 +152,17 @@ def _build(architecture: str, fields: dict[str, Any], weights: dict[str, Tensor]
 def _from_sae_guard(cfg: dict[str, Any], weights: dict[str, Tensor]):
     if "architecture" not in cfg:
         raise SAEFormatError("cfg.json has no 'architecture' field")
-    return _build(cfg["architecture"], {k: v for k, v in cfg.items() if k != "architecture"}, weights)
+    fields = {k: v for k, v in cfg.items() if k != "architecture"}
+    if "threshold" in weights and "selection" not in fields and _has_field(cfg["architecture"], "selection"):
+        fields["selection"] = "batch"  # written before `selection` existed: a learned threshold means the batch rule
+    return _build(cfg["architecture"], fields, weights)
+
+
+def _has_field(architecture: str, name: str) -> bool:
+    try:
+        return name in {f.name for f in dataclasses.fields(get_architecture(architecture).config_class)}
+    except ValueError:
+        return False  # an unknown architecture: `_build` says so
 
 
 def _from_saelens(cfg: dict[str, Any], w: dict[str, Tensor]):

@@ -15,26 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
-from ..codes import SparseCodes
 from ..registry import register
-from ..sparsifiers import abs_topk
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
-
-SELECTIONS = ("token", "batch")
 
 
 @dataclass
 class AbsTopKConfig(BatchTopKConfig):
     selection: str = "token"  # "token": k per token; "batch": k * B per batch, threshold at inference
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.selection == "token" and int(self.k) != self.k:
-            raise ValueError(f"per-token selection needs an integer k, got {self.k}")
 
 
 @register("abstopk")
@@ -42,13 +29,3 @@ class AbsTopKSAE(BatchTopKSAE):
     config_class = AbsTopKConfig
     cfg: AbsTopKConfig
     signed = True
-
-    @property
-    def batch_level(self) -> bool:
-        return self.cfg.selection == "batch"
-
-    def select_batch(self, pre: Tensor) -> SparseCodes:
-        return super().select_batch(pre) if self.batch_level else abs_topk(pre, int(self.cfg.k))
-
-    def select_inference(self, pre: Tensor) -> SparseCodes:
-        return super().select_inference(pre) if self.batch_level else abs_topk(pre, int(self.cfg.k))

@@ -25,6 +25,9 @@ laid the dictionary down, the batch rule reallocates it. Planted 128-d data, d_s
 AuxK 1/8 had made up for the starved rare latents of the batch rule from the first step; after a warm-up it
 instead pulls latents off their features when the batch rule first leaves them idle. Loops that do not set
 `training_progress` (hand-written ones) get the batch rule from the first step.
+
+`selection="token"` keeps the top k of each token throughout, in training and at inference, with no threshold
+(TopK's rule under the variant's own loss): Matryoshka's default and AbsTopK's, see their docstrings.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ from ..codes import SparseCodes, sparse_decode
 from ..config import SAEConfig
 from ..losses import Step, auxk, fvu
 from ..registry import register
-from ..sparsifiers import batch_topk, mask_to_codes, row_topk
+from ..sparsifiers import abs_topk, batch_topk, mask_to_codes, row_topk
+
+SELECTIONS = ("batch", "token")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class BatchTopKConfig(SAEConfig):
     auxk_coef: float = 1 / 32  # training: as TopK, see the module docstring
     threshold_decay: float = 0.95  # training: EMA decay of the inference threshold, per step
     topk_warmup: float = 1 / 3  # training: share of the run selecting per token (TopK) first; 0: the batch rule only
+    selection: str = "batch"  # "batch": k * B per batch, threshold at inference; "token": top k per token throughout
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +67,10 @@ class BatchTopKConfig(SAEConfig):
             raise ValueError(f"threshold_decay must be in [0, 1), got {self.threshold_decay}")
         if not 0 <= self.topk_warmup <= 1:
             raise ValueError(f"topk_warmup must be in [0, 1], got {self.topk_warmup}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.selection == "token" and int(self.k) != self.k:
+            raise ValueError(f"per-token selection needs an integer k, got {self.k}")
 
 
 @register("batchtopk")
@@ -79,7 +89,7 @@ class BatchTopKSAE(SAE):
     @property
     def batch_level(self) -> bool:
         """Whether training selection depends on the batch (and inference therefore on `threshold`)."""
-        return True
+        return self.cfg.selection == "batch"
 
     @property
     def threshold_shape(self) -> tuple[int, ...]:
@@ -97,9 +107,12 @@ class BatchTopKSAE(SAE):
         return batch_topk(self.activate(pre), self.cfg.k, by_abs=self.signed)
 
     def select_per_token(self, pre: Tensor) -> SparseCodes:
-        """The top round(k) activations of each token (TopK): the warm-up's selection."""
-        values = self.activate(pre)
-        indices = row_topk(values.abs() if self.signed else values, max(1, round(self.cfg.k)))
+        """The top round(k) activations of each token (TopK): the warm-up's selection, all of `selection="token"`."""
+        k = max(1, round(self.cfg.k))
+        if self.signed:
+            return abs_topk(pre, k)
+        values = F.relu(pre)
+        indices = row_topk(values, k)
         return SparseCodes(values.gather(-1, indices), indices)
 
     def in_warmup(self) -> bool:
@@ -108,10 +121,12 @@ class BatchTopKSAE(SAE):
         return self.batch_level and progress is not None and progress < self.cfg.topk_warmup
 
     def select_training(self, pre: Tensor) -> SparseCodes:
-        return self.select_per_token(pre) if self.in_warmup() else self.select_batch(pre)
+        return self.select_batch(pre) if self.batch_level and not self.in_warmup() else self.select_per_token(pre)
 
     def select_inference(self, pre: Tensor) -> SparseCodes:
-        """Batch-independent selection: every activation whose magnitude exceeds the threshold."""
+        """Batch-independent selection: every activation whose magnitude exceeds the threshold (per token: top k)."""
+        if not self.batch_level:
+            return self.select_per_token(pre)
         values = self.activate(pre)
         return mask_to_codes(values, (values.abs() if self.signed else values) > self.threshold)
 
