@@ -66,11 +66,12 @@ def evaluation_sample(gen: Generator, ds) -> tuple[torch.Tensor, torch.Tensor]:
     return ds.sample(32768, torch.Generator().manual_seed(10_000 + gen.seed))
 
 
-def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, seed: int = 0) -> dict:
+def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, seed: int = 0,
+        overrides: dict | None = None) -> dict:
     ds = gen.dataset()
     k = gen.k(ds)
     torch.manual_seed(seed)
-    sae = sae_guard.SAE.create(arch, d_in=ds.d, d_sae=d_sae, **sparsity_args(arch, k))
+    sae = sae_guard.SAE.create(arch, d_in=ds.d, d_sae=d_sae, **{**sparsity_args(arch, k), **(overrides or {})})
     batch_size = 4096
     probe = RecoveryProbe(gen.training_data(ds), sae, ds.atoms, batch_size, seed, max(1, probe_tokens // batch_size))
     start = time.perf_counter()
@@ -115,11 +116,23 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=1024)
     parser.add_argument("--probe-every", type=float, default=2.5e5, help="tokens between recovery checks")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", dest="overrides",
+                        help="config fields to change from the defaults, values as JSON (e.g. topk_warmup=1.0 "
+                             'selection=\"batch\"): how the card\'s trials of other settings were run')
     parser.add_argument("--oracle-only", action="store_true",
                         help="print each generator's oracle FVU at k = true L0 -2..+2 (per token / set), then stop")
     args = parser.parse_args()
     torch.set_num_threads(1)
     order = [g for g in GENERATORS + HELD_OUT if g.name in args.generators]
+    overrides = {}
+    for item in args.overrides:
+        field, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes FIELD=VALUE, got {item!r}")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {field}: {value!r} is not a JSON value (strings need quotes: {field}='\"...\"')")
     if args.oracle_only:
         print_oracles(order)
         return
@@ -130,8 +143,8 @@ def main() -> None:
         held = " (held out)" if gen in HELD_OUT else ""
         for arch in args.arch:
             tokens = int(args.tokens or BUDGET.get(arch, DEFAULT_BUDGET))
-            row = run(arch, gen, tokens, args.d_sae, int(args.probe_every))
-            row["held_out"] = bool(held)
+            row = run(arch, gen, tokens, args.d_sae, int(args.probe_every), overrides=overrides)
+            row["held_out"], row["overrides"] = bool(held), overrides
             rows.append(row)
             reached = f"{row['tokens_to_0.9'] / 1e6:.2f}M" if row["tokens_to_0.9"] else "-"
             print(f"{gen.name + held:24} {arch:15} {row['k']:3d} {row['true_l0']:5.2f} {row['recovered']:9.3f} "
