@@ -326,3 +326,16 @@ def test_top_afa_chooses_k_per_token_from_the_norm():
     relative_gap = ((f_norm - x_norm).abs() / x_norm).median()
     assert relative_gap < 0.3  # the AFA: |f| ~ |x - b_dec|
     torch.testing.assert_close(sae.encode(x[:5]), sae.encode(x)[:5], atol=1e-5, rtol=1e-5)
+
+
+def test_abstopk_revives_dead_latents_with_topks_auxk():
+    """Signed AuxK fits dead latents as linear regressors over tokens of both signs; they shrink instead of reviving."""
+    sae = make("abstopk")
+    x = data().batch(2)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::2] = True
+    step = sae.training_forward(x, dead)
+    pre = sae.pre_acts(x)[:, dead]
+    top = pre.topk(min(sae.k_aux, pre.shape[1]), dim=-1)
+    expected = torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values)) @ sae.W_dec[dead]
+    torch.testing.assert_close(step.extras["auxk_recon"], expected, atol=1e-5, rtol=1e-4)

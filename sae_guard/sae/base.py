@@ -218,19 +218,23 @@ class SAE(nn.Module):
         """Pre-activations at `indices` with a sparse backward (see `kernels.gather_linear`)."""
         return gather_linear(x, self.b_dec, self.W_enc, self.b_enc, indices, pre)
 
-    def add_auxk(self, step: Step, k_aux: int, signed: bool = False) -> None:
-        """Put the AuxK reconstruction (top-k_aux dead latents decoded) into `step.extras`."""
+    def add_auxk(self, step: Step, k_aux: int) -> None:
+        """Put the AuxK reconstruction (top-k_aux dead latents decoded) into `step.extras`.
+
+        Dead latents are ranked by their positive pre-activations and ReLU'd, for signed SAEs (AbsTopK) too: a latent
+        revives by learning to fire on the tokens a missing feature is in. Ranked by |pre| and kept signed, each one
+        is fitted as a linear regressor of the residual over tokens of both signs, its pulls cancel and its encoder
+        shrinks (AbsTopK, planted steep_zipf: 61% of latents dead, 0.725 of atoms recovered; ReLU'd: 6%, 0.857).
+        """
         dead = step.dead_mask
         if dead is None or step.pre_acts is None or not bool(dead.any()):
             return
         dead_idx = dead.nonzero().squeeze(-1)
         k = min(k_aux, dead_idx.numel())
         scores = step.pre_acts.index_select(-1, dead_idx)
-        _, local = (scores.abs() if signed else scores).topk(k, dim=-1, sorted=False)
+        _, local = scores.topk(k, dim=-1, sorted=False)
         indices = dead_idx[local]
-        values = self.gather_preacts(step.x, step.pre_acts, indices)
-        if not signed:
-            values = F.relu(values)
+        values = F.relu(self.gather_preacts(step.x, step.pre_acts, indices))
         step.extras["auxk_recon"] = sparse_decode(SparseCodes(values, indices), self.W_dec)
         step.extras["auxk_scale"] = step.x.new_tensor(min(dead_idx.numel() / k_aux, 1.0))
 

@@ -8,7 +8,8 @@ direction, instead of splitting it across two non-negative latents.
 
 `selection="token"` (default, the paper's formulation) keeps k per token. `selection="batch"` (the
 authors' public trainer) keeps the k * B largest |pre| of the batch, and at inference every |pre|
-above a learned threshold, as BatchTopK does. AuxK ranks dead latents by |pre| and keeps signs too.
+above a learned threshold, as BatchTopK does. AuxK is TopK's (positive pre-activations, ReLU'd): revived
+latents learn where to fire first and may take both signs once alive (see `SAE.add_auxk`).
 """
 
 from __future__ import annotations
