@@ -212,9 +212,14 @@ def recovery(W_dec: Tensor, atoms: Tensor, threshold: float = 0.9, signed: bool 
     signed: the SAE's codes take both signs (`SAE.signed`, AbsTopK), so a row can hold an atom as its negative,
     firing below zero where the atom is present; the match is then |cosine|.
     """
-    dec = W_dec.float() / W_dec.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    cosines = atoms.float() @ dec.T
-    return ((cosines.abs() if signed else cosines).amax(-1) >= threshold).float().mean().item()
+    return (best_cosines(W_dec, atoms, signed) >= threshold).float().mean().item()
+
+
+@torch.no_grad()
+def best_cosines(W_dec: Tensor, directions: Tensor, signed: bool = False) -> Tensor:
+    """Per direction, the cosine of its best-matching decoder row (|cosine| for a signed SAE, as in `recovery`)."""
+    cosines = F.normalize(directions.float(), dim=-1) @ F.normalize(W_dec.float(), dim=-1, eps=1e-12).T
+    return (cosines.abs() if signed else cosines).amax(-1)
 
 
 @torch.no_grad()
@@ -229,13 +234,7 @@ def hierarchy_recovery(W_dec: Tensor, ds: PlantedDataset, signed: bool = False) 
     roots, children = ds.parents < 0, (ds.parents >= 0).nonzero().squeeze(-1)
     mixed = ds.atoms.float().clone()
     mixed.index_add_(0, ds.parents[children], ds.probs[children, None].float() * ds.atoms[children].float())
-    dec = W_dec.float() / W_dec.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-    def best(directions: Tensor) -> Tensor:
-        cosines = F.normalize(directions, dim=-1) @ dec.T
-        return (cosines.abs() if signed else cosines).amax(-1)
-
-    atom_best, mixed_best = best(ds.atoms.float()), best(mixed[roots])
+    atom_best, mixed_best = best_cosines(W_dec, ds.atoms, signed), best_cosines(W_dec, mixed[roots], signed)
     return {"parents_recovered": (atom_best[roots] >= 0.9).float().mean().item(),
             "children_recovered": (atom_best[~roots] >= 0.9).float().mean().item(),
             "parent_cosine": atom_best[roots].median().item(),
