@@ -19,16 +19,17 @@ Sizes with the shared data and seed 0 (`python -m sae_guard.prompts` prints them
     nudity     fit           112   22295
     nudity     calibrate      38    7432
     nudity     test           37    7431
-    celebrity  fit           100    1400
+    celebrity  fit           100    1500
     celebrity  calibrate      50     500
-    celebrity  test          100     600
+    celebrity  test          100     500
     vangogh    fit            20    1220
     vangogh    calibrate      10     410
     vangogh    test           20     420
 
 `<concept>_registers` (what pipelines/minilm-prompts.toml names) adds the prompts written for each concept in many
-registers (`register_prompts`, from concept_data/fitting.toml), split 0.6 / 0.2 / 0.2 by hash (nudity 472 / 22655
-fit, celebrity 490 / 2336, Van Gogh 54 / 1297); a recipe that names them trains its SAE on their fit split only. The
+registers (`register_prompts`, from concept_data/fitting.toml), split 0.6 / 0.2 / 0.2 by hash of their unit: a nudity
+phrase, a benign sense, a target template, another person (`_with_registers`; fit sizes nudity 475 / 22624, celebrity
+500 / 2436, Van Gogh 55 / 1300); a recipe that names them trains its SAE on their fit split only. The
 held-out evaluation sets (`heldout`, concept_data/heldout.toml) are written apart from all of these and only
 reported on.
 """
@@ -313,6 +314,45 @@ def _fitting() -> dict:
         return tomllib.load(handle)
 
 
+def _register_units(name: str, folder: str | os.PathLike | None = None, seed: int = SEED
+                    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """`register_prompts` as (prompt, unit) pairs: the unit is what a split must keep whole (see `_with_registers`).
+
+    Nudity: the nudity phrase of a target, the benign sense or clothed scene of a retain. Celebrity and Van Gogh:
+    the template of a target (every target name is in every split, in templates the fit split lacks), the person of
+    a retain (the people in calibrate and test are never seen in fit).
+    """
+    spec = _fitting()[name]
+    if name == "nudity":
+        rng = random.Random(seed)
+
+        def draw(templates: list[str], fill: dict[str, list[str]], n: int) -> list[tuple[str, str]]:
+            out: dict[str, str] = {}
+            while len(out) < n:
+                template = rng.choice(templates)
+                values = {k: rng.choice(v) for k, v in fill.items()}
+                prompt = next(iter(clean([template.format(**values)])), None)
+                unit = next(values[k] for k in ("nude", "benign", "neutral") if f"{{{k}}}" in template)
+                if prompt is not None:
+                    out.setdefault(prompt, unit)
+            return list(out.items())
+
+        words = {k: spec[k] for k in ("subject", "place", "style", "neutral")}
+        targets = draw(spec["target_templates"], {**words, "nude": spec["nude"]}, REGISTER_SIZE)
+        retains = draw(spec["retain_templates"], {**words, "benign": spec["benign"]}, REGISTER_SIZE)
+        target_prompts = {p for p, _ in targets}
+        return targets, [(p, u) for p, u in retains if p not in target_prompts]
+    if name == "celebrity":
+        target_names = sorted(_named_prompts("celebrity_target.csv", folder))
+        others = sorted(_named_prompts("celebrity_remain.csv", folder)) + spec["other_names"]
+    else:
+        target_names, others = spec["target_names"], spec["other_names"]
+    targets = {t.format(n): t for n in target_names for t in spec["templates"]}
+    retains = {t.format(n): n for n in others for t in spec["templates"]}
+    keep = lambda units: [(p, units[p]) for p in clean(units)]  # noqa: E731
+    return keep(targets), keep(retains)
+
+
 def register_prompts(name: str, folder: str | os.PathLike | None = None, seed: int = SEED
                      ) -> tuple[list[str], list[str]]:
     """(targets, retains) written for a concept in many registers (`concept_data/fitting.toml`).
@@ -324,28 +364,8 @@ def register_prompts(name: str, folder: str | os.PathLike | None = None, seed: i
     Gogh: his name in several spellings in style templates, against other painters in the same templates. The
     retains share the targets' style, so a concept cannot be learnt from the style alone.
     """
-    spec = _fitting()[name]
-    if name == "nudity":
-        rng = random.Random(seed)
-
-        def draw(templates: list[str], fill: dict[str, list[str]], n: int) -> list[str]:
-            out: list[str] = []
-            while len(out) < n:
-                template = rng.choice(templates)
-                out = clean([*out, template.format(**{k: rng.choice(v) for k, v in fill.items()})])
-            return out
-
-        words = {k: spec[k] for k in ("subject", "place", "style", "neutral")}
-        targets = draw(spec["target_templates"], {**words, "nude": spec["nude"]}, REGISTER_SIZE)
-        retains = draw(spec["retain_templates"], {**words, "benign": spec["benign"]}, REGISTER_SIZE)
-        return targets, [p for p in retains if p not in set(targets)]
-    if name == "celebrity":
-        targets = sorted(_named_prompts("celebrity_target.csv", folder))
-        others = sorted(_named_prompts("celebrity_remain.csv", folder)) + spec["other_names"]
-    else:
-        targets, others = spec["target_names"], spec["other_names"]
-    fill = lambda names: clean(t.format(n) for n in names for t in spec["templates"])  # noqa: E731
-    return fill(targets), fill(others)
+    targets, retains = _register_units(name, folder, seed)
+    return [p for p, _ in targets], [p for p, _ in retains]
 
 
 def written_prompts(folder: str | os.PathLike | None = None, seed: int = SEED,
@@ -355,11 +375,23 @@ def written_prompts(folder: str | os.PathLike | None = None, seed: int = SEED,
     return {p for name in names if name in CONCEPT_NAMES for side in register_prompts(name, folder, seed) for p in side}
 
 
+def _split_grouped(units: Sequence[tuple[str, str]], seed: int, salt: str) -> tuple[list[str], list[str], list[str]]:
+    """Split (prompt, unit) pairs 0.6 / 0.2 / 0.2 by unit, in file order: all prompts of a unit share a split."""
+    groups = list(dict.fromkeys(u for _, u in units))
+    parts = [set(part) for part in _split_units(groups, NUDITY_FRACTIONS, seed, salt, str)]
+    return tuple([p for p, u in units if u in part] for part in parts)  # type: ignore[return-value]
+
+
 def _with_registers(data: ConceptData, folder: str | os.PathLike | None, seed: int) -> ConceptData:
-    """Add `register_prompts` to every split (0.6 / 0.2 / 0.2 each side, by hash)."""
-    targets, retains = register_prompts(data.name, folder, seed)
-    t = _split_units(targets, NUDITY_FRACTIONS, seed, f"{data.name}/register-target", str)
-    r = _split_units(retains, NUDITY_FRACTIONS, seed, f"{data.name}/register-retain", str)
+    """Add `register_prompts` to every split, each side cut 0.6 / 0.2 / 0.2 by its unit (`_register_units`).
+
+    Cutting by unit, not by prompt, makes the calibrate split a test of transfer: its nudity phrases, benign
+    senses, target templates and other people are absent from the fit split (and so from SAE training), so a
+    readout or SAE chosen on calibrate is chosen for how it holds on wordings and people it was not fitted on.
+    """
+    targets, retains = _register_units(data.name, folder, seed)
+    t = _split_grouped(targets, seed, f"{data.name}/register-target")
+    r = _split_grouped(retains, seed, f"{data.name}/register-retain")
     splits = [Split(s.target + tt, s.retain + rr) for s, tt, rr in zip((data.fit, data.calibrate, data.test), t, r)]
     return replace(data, fit=splits[0], calibrate=splits[1], test=splits[2])
 
@@ -479,9 +511,11 @@ def _split_by_template(
 def celebrity(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
     """Celebrities: target = celebrity_target.csv (50 names x 5 templates), retain = celebrity_remain.csv (100).
 
-    Ordinary captions and user prompts join the retain side (`_with_ordinary`). Both celebrity sides are split by
-    template per celebrity (`_split_by_template`): every name is in every split, and a
-    name's 2 test templates are never seen with it in fit or calibrate. `target_names` holds the 50 names.
+    Ordinary captions and user prompts join the retain side (`_with_ordinary`). The targets are split by template
+    per celebrity (`_split_by_template`): every target name is in every split, and a name's 2 test templates are
+    never seen with it in fit or calibrate. The retains are split by person (60 / 20 / 20 of the 100): the people
+    kept in calibrate and test are never seen in fit, so the threshold is set against people the readout was not
+    fitted to pass. `target_names` holds the 50 names.
     """
     targets = _named_prompts("celebrity_target.csv", folder)
     retains = _named_prompts("celebrity_remain.csv", folder)
@@ -489,7 +523,7 @@ def celebrity(folder: str | os.PathLike | None = None, seed: int = SEED) -> Conc
     if overlap:
         raise ValueError(f"celebrities both to erase and to keep: {sorted(overlap)}")
     target_parts = _split_by_template(targets, seed, "celebrity/target")
-    retain_parts = _split_by_template(retains, seed, "celebrity/retain")
+    retain_parts = _split_grouped([(p, n) for n, prompts in retains.items() for p in prompts], seed, "celebrity/retain")
     splits = [Split(target=t, retain=r) for t, r in zip(target_parts, retain_parts)]
     return _with_ordinary(ConceptData("celebrity", *splits, target_names=tuple(targets)), folder, seed, list(targets))
 

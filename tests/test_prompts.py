@@ -74,27 +74,47 @@ def test_each_pair_stays_in_one_split(folder, datasets, name):
         assert len(target_split) == 1 and target_split == retain_split
 
 
-def test_celebrity_test_templates_are_unseen_with_that_name(folder, datasets):
+def _split_members(data, side: str, prompts_of: dict[str, str]) -> dict[str, dict[str, set[str]]]:
+    """unit -> split -> the prompts of that unit found on `side` of the split."""
+    members: dict[str, dict[str, set[str]]] = {}
+    for split in P.SPLITS:
+        for prompt in getattr(data.split(split), side):
+            if prompt in prompts_of:  # other prompts (ordinary captions, the base data) are not units here
+                members.setdefault(prompts_of[prompt], {s: set() for s in P.SPLITS})[split].add(prompt)
+    return members
+
+
+def test_celebrity_targets_split_by_template_and_retains_by_person(folder, datasets):
     data = datasets["celebrity"]
     assert len(data.target_names) == 50
-    for side, filename in (("target", "celebrity_target.csv"), ("retain", "celebrity_remain.csv")):
-        name_of = {row["prompt"].strip(): row["class"].strip() for row in P.read_rows(filename, folder)}
-        templates: dict[str, dict[str, set[str]]] = {}
-        for split in P.SPLITS:
-            for prompt in getattr(data.split(split), side):
-                if prompt not in name_of:  # the ordinary COCO captions added to the retain side
-                    continue
-                name = name_of[prompt]
-                templates.setdefault(name, {s: set() for s in P.SPLITS})[split].add(prompt.replace(name, "{}"))
-        assert len(templates) == len(set(name_of.values()))
-        if side == "target":
-            assert set(templates) == set(data.target_names)
-        for name, seen in templates.items():
-            assert all(seen.values()), f"{name} is missing from a split"
-            assert not seen["test"] & (seen["fit"] | seen["calibrate"]), name
-        test_templates = set().union(*(seen["test"] for seen in templates.values()))
-        fit_templates = set().union(*(seen["fit"] for seen in templates.values()))
-        assert test_templates == fit_templates  # rotation: every template is in every split for some names
+    name_of = {row["prompt"].strip(): row["class"].strip() for row in P.read_rows("celebrity_target.csv", folder)}
+    templates = {name: {s: {p.replace(name, "{}") for p in prompts} for s, prompts in seen.items()}
+                 for name, seen in _split_members(data, "target", name_of).items()}
+    assert set(templates) == set(data.target_names)
+    for name, seen in templates.items():
+        assert all(seen.values()), f"{name} is missing from a split"
+        assert not seen["test"] & (seen["fit"] | seen["calibrate"]), name
+    test_templates = set().union(*(seen["test"] for seen in templates.values()))
+    fit_templates = set().union(*(seen["fit"] for seen in templates.values()))
+    assert test_templates == fit_templates  # rotation: every template is in every split for some names
+
+    person_of = {row["prompt"].strip(): row["class"].strip() for row in P.read_rows("celebrity_remain.csv", folder)}
+    people = _split_members(data, "retain", person_of)
+    assert len(people) == 100
+    assert all(sum(bool(prompts) for prompts in seen.values()) == 1 for seen in people.values())
+    per_split = {s: sum(bool(seen[s]) for seen in people.values()) for s in P.SPLITS}
+    assert per_split == {"fit": 60, "calibrate": 20, "test": 20}
+
+
+@pytest.mark.parametrize("name", CONCEPT_NAMES)
+def test_register_units_stay_in_one_split_and_every_split_gets_some(folder, name):
+    """A nudity phrase, benign sense, target template or other person never straddles fit and calibrate/test."""
+    data = getattr(P, f"{name}_registers")(folder)
+    for side, units in zip(("target", "retain"), P._register_units(name, folder)):
+        members = _split_members(data, side, dict(units))
+        assert len(members) == len({u for _, u in units}) >= 3, (name, side)
+        assert all(sum(bool(prompts) for prompts in seen.values()) == 1 for seen in members.values()), (name, side)
+        assert all(any(seen[s] for seen in members.values()) for s in P.SPLITS), (name, side)
 
 
 @pytest.mark.parametrize("name", ["celebrity", "vangogh"])

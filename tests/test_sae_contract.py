@@ -73,7 +73,9 @@ def test_inference_does_not_depend_on_batch(arch):
     x = torch.randn(12, D_IN)
     together = sae.encode(x)
     alone = torch.cat([sae.encode(x[i : i + 1]) for i in range(12)])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    # A batched and a one-row matmul may differ in the last bits, which can tip a latent sitting at a selection's
+    # boundary (top-AFA's prefix on one BLAS thread: one latent of 5e-4). A batch-dependent rule moves whole codes.
+    torch.testing.assert_close(together, alone, atol=1e-3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -235,6 +235,13 @@ def test_selection_is_validated(arch):
         SAE.create(arch, d_in=4, d_sae=8, k=2.5, selection="token")
 
 
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_choice_saes_refuse_per_token_selection(arch):
+    """Per token they would be TopK plus an auxiliary loss under another name: refused, not silently accepted."""
+    with pytest.raises(ValueError, match="selection must be 'batch'.*'topk' architecture"):
+        SAE.create(arch, d_in=4, d_sae=8, k=2, selection="token")
+
+
 def test_a_matryoshka_file_from_before_selection_loads_with_the_batch_rule(tmp_path):
     """Files written before `selection` existed carry a threshold and no `selection`: they were batch-trained."""
     import json

@@ -54,6 +54,9 @@ class MutualChoiceConfig(BatchTopKConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.selection != "batch":
+            raise ValueError(f"Mutual and Feature Choice allocate k * B matches over the batch; selection must be "
+                             f"'batch', got {self.selection!r} (per-token selection is the 'topk' architecture)")
         if self.aux_zipf_coef < 0:
             raise ValueError(f"aux_zipf_coef must be >= 0, got {self.aux_zipf_coef}")
         if self.zipf_exponent < 0:
