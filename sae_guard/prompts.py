@@ -375,11 +375,22 @@ def written_prompts(folder: str | os.PathLike | None = None, seed: int = SEED,
     return {p for name in names if name in CONCEPT_NAMES for side in register_prompts(name, folder, seed) for p in side}
 
 
-def _split_grouped(units: Sequence[tuple[str, str]], seed: int, salt: str) -> tuple[list[str], list[str], list[str]]:
-    """Split (prompt, unit) pairs 0.6 / 0.2 / 0.2 by unit, in file order: all prompts of a unit share a split."""
-    groups = list(dict.fromkeys(u for _, u in units))
+def _split_grouped(units: Sequence[tuple[str, str]], seed: int, salt: str, groups: Sequence[str] | None = None
+                   ) -> tuple[list[str], list[str], list[str]]:
+    """Split (prompt, unit) pairs 0.6 / 0.2 / 0.2 by unit, in file order: all prompts of a unit share a split.
+
+    The units are cut as `groups` (default: the units present) are, so two sets of prompts about the same people,
+    split with the same `groups` and salt, put each person in the same split.
+    """
+    groups = list(dict.fromkeys(u for _, u in units)) if groups is None else list(groups)
     parts = [set(part) for part in _split_units(groups, NUDITY_FRACTIONS, seed, salt, str)]
     return tuple([p for p, u in units if u in part] for part in parts)  # type: ignore[return-value]
+
+
+def _celebrity_people(folder: str | os.PathLike | None = None) -> list[str]:
+    """Every person on a celebrity retain side: the 100 others of celebrity_remain.csv and the register's others."""
+    return list(dict.fromkeys([*sorted(_named_prompts("celebrity_remain.csv", folder)),
+                               *_fitting()["celebrity"]["other_names"]]))
 
 
 def _with_registers(data: ConceptData, folder: str | os.PathLike | None, seed: int) -> ConceptData:
@@ -391,7 +402,10 @@ def _with_registers(data: ConceptData, folder: str | os.PathLike | None, seed: i
     """
     targets, retains = _register_units(data.name, folder, seed)
     t = _split_grouped(targets, seed, f"{data.name}/register-target")
-    r = _split_grouped(retains, seed, f"{data.name}/register-retain")
+    if data.name == "celebrity":  # the same person in the same split as in `celebrity`'s own retains
+        r = _split_grouped(retains, seed, "celebrity/people", _celebrity_people(folder))
+    else:
+        r = _split_grouped(retains, seed, f"{data.name}/register-retain")
     splits = [Split(s.target + tt, s.retain + rr) for s, tt, rr in zip((data.fit, data.calibrate, data.test), t, r)]
     return replace(data, fit=splits[0], calibrate=splits[1], test=splits[2])
 
@@ -513,9 +527,10 @@ def celebrity(folder: str | os.PathLike | None = None, seed: int = SEED) -> Conc
 
     Ordinary captions and user prompts join the retain side (`_with_ordinary`). The targets are split by template
     per celebrity (`_split_by_template`): every target name is in every split, and a name's 2 test templates are
-    never seen with it in fit or calibrate. The retains are split by person (60 / 20 / 20 of the 100): the people
-    kept in calibrate and test are never seen in fit, so the threshold is set against people the readout was not
-    fitted to pass. `target_names` holds the 50 names.
+    never seen with it in fit or calibrate. The retains are split by person (`_celebrity_people`, 0.6 / 0.2 / 0.2,
+    each person in the same split as in the register prompts): the people kept in calibrate and test are never seen
+    in fit, so the threshold is set against people the readout was not fitted to pass. `target_names` holds the 50
+    names.
     """
     targets = _named_prompts("celebrity_target.csv", folder)
     retains = _named_prompts("celebrity_remain.csv", folder)
@@ -523,7 +538,8 @@ def celebrity(folder: str | os.PathLike | None = None, seed: int = SEED) -> Conc
     if overlap:
         raise ValueError(f"celebrities both to erase and to keep: {sorted(overlap)}")
     target_parts = _split_by_template(targets, seed, "celebrity/target")
-    retain_parts = _split_grouped([(p, n) for n, prompts in retains.items() for p in prompts], seed, "celebrity/retain")
+    retain_parts = _split_grouped([(p, n) for n, prompts in retains.items() for p in prompts], seed,
+                                  "celebrity/people", _celebrity_people(folder))
     splits = [Split(target=t, retain=r) for t, r in zip(target_parts, retain_parts)]
     return _with_ordinary(ConceptData("celebrity", *splits, target_names=tuple(targets)), folder, seed, list(targets))
 

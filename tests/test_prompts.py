@@ -99,11 +99,13 @@ def test_celebrity_targets_split_by_template_and_retains_by_person(folder, datas
     assert test_templates == fit_templates  # rotation: every template is in every split for some names
 
     person_of = {row["prompt"].strip(): row["class"].strip() for row in P.read_rows("celebrity_remain.csv", folder)}
-    people = _split_members(data, "retain", person_of)
-    assert len(people) == 100
+    _, written = P._register_units("celebrity", folder)
+    person_of |= dict(written)  # the register's sentences about other people, in every split as the data's own
+    people = _split_members(P.celebrity_registers(folder), "retain", person_of)
+    assert len(people) == 120
     assert all(sum(bool(prompts) for prompts in seen.values()) == 1 for seen in people.values())
     per_split = {s: sum(bool(seen[s]) for seen in people.values()) for s in P.SPLITS}
-    assert per_split == {"fit": 60, "calibrate": 20, "test": 20}
+    assert per_split == {"fit": 72, "calibrate": 24, "test": 24}
 
 
 @pytest.mark.parametrize("name", CONCEPT_NAMES)
