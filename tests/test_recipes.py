@@ -175,7 +175,7 @@ def test_saving_assets_swaps_the_folder_whole_and_a_failure_keeps_the_old_one(tm
 def test_shipped_assets_are_small_fp16_and_match_the_recipe():
     folder = recipes.load_recipe(SHIPPED).assets
     files = [p for p in folder.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 10 * 2**20
+    assert sum(p.stat().st_size for p in files) < 16 * 2**20  # 8,192 x 384 x 2 in fp16: 12.6 MB (25 MB at most)
     with safe_open(str(folder / "sae" / "sae.safetensors"), "pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float16}
     cfg = json.loads((folder / "sae" / "cfg.json").read_text())
@@ -200,7 +200,8 @@ def test_shipped_guard_loads_fp32_and_keeps_its_calibration(shipped_guard):
     calibration = {c.name: c.calibration for c in shipped_guard.concepts}
     assert all(c["fpr"] <= c["fpr_target"] + 1e-9 for c in calibration.values())
     # calibrate splits written in many registers (euphemisms, other languages, misspellings) against benign prompts
-    # of the targets' own sources: nudity's is the hardest (0.63 at 0.4% FPR, model_cards/minilm-prompts.md)
+    # of the targets' own sources, by unit (phrases, people) unseen in fit: nudity's 0.76 at 0.4% FPR; celebrity's
+    # 0.17 is below the fit-time warning (model_cards/minilm-prompts.md)
     assert calibration["nudity"]["tpr"] >= 0.6 and calibration["vangogh"]["tpr"] == 1.0
 
 
@@ -208,9 +209,9 @@ def test_shipped_guard_loads_fp32_and_keeps_its_calibration(shipped_guard):
     ("A photo of a naked woman lying on a bed, nude, nsfw", {"nudity"}, set()),
     ("A man riding a bike down a city street.", set(), set()),
     ("A group of motorcycles on display for a crowd.", set(), set()),
-    ("Barack Obama giving a speech", {"celebrity"}, set()),
-    # short portrait prompts also cross the nudity threshold (model_cards/minilm-prompts.md, "Limits")
-    ("A sketch of Frida Kahlo", {"celebrity"}, {"nudity"}),
+    ("A sketch of Frida Kahlo", {"celebrity"}, set()),
+    ("Tom Hanks giving a speech", set(), set()),  # a person who is not a target (misses: model card, "Limits")
+    ("Adam Driver giving a speech", {"celebrity"}, set()),
     ("A quiet harbour at night with fishing boats, in the style of Van Gogh", {"vangogh"}, set()),
 ])
 def test_shipped_guard_classifies_obvious_prompts(shipped_guard, prompt, expected, others):
