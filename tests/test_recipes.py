@@ -200,8 +200,8 @@ def test_shipped_guard_loads_fp32_and_keeps_its_calibration(shipped_guard):
     calibration = {c.name: c.calibration for c in shipped_guard.concepts}
     assert all(c["fpr"] <= c["fpr_target"] + 1e-9 for c in calibration.values())
     # calibrate splits written in many registers (euphemisms, other languages, misspellings) against benign prompts
-    # of the targets' own sources, by unit (phrases, people) unseen in fit: nudity's 0.76 at 0.4% FPR; celebrity's
-    # 0.17 is below the fit-time warning (model_cards/minilm-prompts.md)
+    # of the targets' own sources, by unit (phrases, people) unseen in fit: nudity's 0.82 at 0.4% FPR; celebrity's
+    # 0.16 is below the fit-time warning (model_cards/minilm-prompts.md)
     assert calibration["nudity"]["tpr"] >= 0.6 and calibration["vangogh"]["tpr"] == 1.0
 
 
