@@ -152,8 +152,10 @@ def test_edit_modes(clip, clip_tokenizer, sae):
 
 
 def test_threads_get_their_own_verdicts(clip, clip_tokenizer, sae):
-    texts = ("a photo of a zebra at night", "a photo of a dog at night")
     with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
+        # one flagged zebra prompt and one passed dog prompt, whichever the CPU's rounding puts past the threshold
+        zebra = next(t for t in TARGET if g.classify([t])[0].flagged)
+        texts = (zebra, "a photo of a dog at night")
         alone = {t: g.classify([t])[0].flagged for t in texts}
         assert alone == {texts[0]: True, texts[1]: False}  # one flagged, one not: a mix-up would show
         results = {}
@@ -424,8 +426,10 @@ def test_concepts_refuse_impossible_settings(clip, clip_tokenizer, sae):
         guard(clip, sae=sae, concepts=[Concept("blurred", target=lookalikes, retain=RETAIN, strategy="mean_contrast",
                                                n_features=2, fpr=0.01)],
               hookpoint=HOOK, tokenizer=clip_tokenizer)
-    mixed = Concept("mixed", target=TARGET[:10] + lookalikes, retain=RETAIN, n_features=8, fpr=0.05)
-    with pytest.warns(PoorConceptWarning, match="flags only .*strategy 'coverage', .* fitted on 24 target"):
+    # a zebra concept calibrated on 4 zebra prompts among 10 other animals: its calibrate TPR stays well under 50%
+    mixed = Concept("mixed", target=TARGET[4:], retain=RETAIN, calibrate_target=TARGET[:4] + lookalikes[:10],
+                    n_features=8, fpr=0.05)
+    with pytest.warns(PoorConceptWarning, match="flags only .*strategy 'coverage', .* fitted on 20 target"):
         guard(clip, sae=sae, concepts=[mixed], hookpoint=HOOK, tokenizer=clip_tokenizer).detach()
     assert 0 < mixed.calibration["tpr"] < 0.5
 

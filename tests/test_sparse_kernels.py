@@ -86,7 +86,9 @@ def test_chunked_topk_encode_matches_the_dense_one():
     assert torch.equal(chunked != 0, dense != 0)
     torch.testing.assert_close(chunked, dense, rtol=1e-5, atol=1e-6)
     sae.chunk_elements = 64  # a dictionary wider than a chunk: latent chunks, then the best of their candidates
-    assert torch.equal(sae.encode(x), dense)
+    by_latents = sae.encode(x)  # a matmul over a slice of W_enc may round differently too, on some CPUs
+    assert torch.equal(by_latents != 0, dense != 0)
+    torch.testing.assert_close(by_latents, dense, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows, width, k", [(7, 1792, 32), (5, 1000, 20), (3, 513, 16), (4, 2048, 8), (2, 64, 4),
