@@ -344,7 +344,7 @@ def _register_units(name: str, folder: str | os.PathLike | None = None, seed: in
         return targets, [(p, u) for p, u in retains if p not in target_prompts]
     if name == "celebrity":
         target_names = sorted(_named_prompts("celebrity_target.csv", folder))
-        others = sorted(_named_prompts("celebrity_remain.csv", folder)) + spec["other_names"]
+        others = _celebrity_people(folder)
     else:
         target_names, others = spec["target_names"], spec["other_names"]
     targets = {t.format(n): t for n in target_names for t in spec["templates"]}

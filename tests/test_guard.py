@@ -154,7 +154,8 @@ def test_edit_modes(clip, clip_tokenizer, sae):
 def test_threads_get_their_own_verdicts(clip, clip_tokenizer, sae):
     with guard(clip, sae=sae, concepts=[concept()], hookpoint=HOOK, tokenizer=clip_tokenizer) as g:
         # one flagged zebra prompt and one passed dog prompt, whichever the CPU's rounding puts past the threshold
-        zebra = next(t for t in TARGET if g.classify([t])[0].flagged)
+        zebra = next((t for t in TARGET if g.classify([t])[0].flagged), None)
+        assert zebra is not None, "the zebra concept flags none of its own target prompts"
         texts = (zebra, "a photo of a dog at night")
         alone = {t: g.classify([t])[0].flagged for t in texts}
         assert alone == {texts[0]: True, texts[1]: False}  # one flagged, one not: a mix-up would show
