@@ -8,7 +8,8 @@ stated fraction (`fpr`) of held-out retain inputs, and the true-positive rate on
 inputs is recorded beside it. Several concepts share one SAE; adding one needs no retraining.
 
 Most strategies pick features, and an input's score is the largest energy they write at one of its tokens; the
-`probe` strategy also weighs them, and the score is a linear readout of their maxima (`scoring`).
+`probe` strategy also weighs them, and the score is a linear readout of their maxima (`scoring`); `token_probe`
+weighs them too, and the score is the largest linear readout of one token's code (`token_probe`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from ..sae.codes import SparseCodes
 from .scoring import feature_slots, input_scores, max_activations, readout_scores, token_energies
-from .selection import STRATEGIES
+from .selection import STRATEGIES, TOKEN_STRATEGIES
+from .token_probe import token_readout_scores
 
 MIN_CALIBRATE = 5  # held-out target and retain inputs, each, below which a threshold and its TPR mean nothing
 POOR_TPR = 0.5  # a calibrated TPR below this warns (PoorConceptWarning): the concept misses most of its examples
@@ -88,6 +90,14 @@ class Concept:
                 f"threshold {self.threshold:.4g}{figures})")
 
     @property
+    def readout(self) -> str:
+        """How scores are read: "energy" (features only), "linear" (weighed feature maxima, `probe`) or "token"
+        (the best token's weighed code, `token_probe`)."""
+        if self.weights is None:
+            return "energy"
+        return "token" if self.strategy in TOKEN_STRATEGIES else "linear"
+
+    @property
     def fitted(self) -> bool:
         return self.features is not None and self.threshold is not None
 
@@ -109,9 +119,14 @@ class Concept:
                        f"are held out) or calibrate_{side}=[...]")
                 raise ValueError(f"concept {self.name!r} has {len(held_out)} held-out {side} inputs to calibrate on; "
                                  f"a threshold needs at least {MIN_CALIBRATE}: {how}")
-        target_max = _summaries(encode, fit_t, d_sae)
-        retain_max = _summaries(encode, fit_r, d_sae) if len(fit_r) else target_max.new_zeros(0, d_sae)
-        picked = STRATEGIES[self.strategy](target_max, retain_max, n_features=self.n_features)
+        if self.strategy in TOKEN_STRATEGIES:
+            if not len(fit_r):
+                raise ValueError(f"concept {self.name!r}: the {self.strategy} strategy needs retain inputs to fit on")
+            picked = STRATEGIES[self.strategy](encode(fit_t), encode(fit_r), n_features=self.n_features)
+        else:
+            target_max = _summaries(encode, fit_t, d_sae)
+            retain_max = _summaries(encode, fit_r, d_sae) if len(fit_r) else target_max.new_zeros(0, d_sae)
+            picked = STRATEGIES[self.strategy](target_max, retain_max, n_features=self.n_features)
         features, weights = picked if isinstance(picked, tuple) else (picked, None)
         if not features.numel():
             raise ValueError(f"concept {self.name!r}: the {self.strategy} strategy chose no feature telling its "
@@ -129,7 +144,7 @@ class Concept:
             "n_calibrate_target": len(cal_t), "n_calibrate_retain": len(cal_r),
             "n_fit_target": len(fit_t), "n_fit_retain": len(fit_r),
             "n_features": int(self.features.numel()), "strategy": self.strategy,
-            "readout": "linear" if self.weights is not None else "energy",
+            "readout": self.readout,
         }
         self._check_calibration()
         return self
@@ -158,10 +173,13 @@ class Concept:
     def score_codes(self, codes: SparseCodes, input_index: Tensor, n_inputs: int, W_dec: Tensor,
                     lookup: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(n_inputs,) scores from the codes of every real token, and (N,) the tokens that carry the concept:
-        energy above the threshold (energy readout), or a positive-weight feature's maximum (linear readout).
+        energy above the threshold (energy readout), a positive-weight feature's maximum (linear readout), or a
+        token score above the threshold (token readout).
         `lookup`: this concept's `lookup()` table when the caller holds it (a gate scores every pass)."""
         if lookup is None:
             lookup = self.lookup(W_dec.shape[0], W_dec.device)
+        if self.readout == "token":
+            return token_readout_scores(codes, input_index, n_inputs, lookup, self.weights, self.threshold)
         if self.weights is not None:
             return readout_scores(codes, input_index, n_inputs, lookup, self.weights)
         energy = token_energies(codes, lookup[None], W_dec)

@@ -25,6 +25,7 @@ from ..sae.base import SAE
 from ..sae.codes import SparseCodes
 from .concept import Concept
 from .scoring import latent_contributions
+from .token_probe import token_scores
 
 
 @dataclass
@@ -123,7 +124,11 @@ class ConceptPolicy:
     def _explain(self, c: int, call: GateCall, rows: Tensor) -> list[dict]:
         concept = self.concepts[c]
         codes = SparseCodes(call.codes.values[rows], call.codes.indices[rows])
-        return latent_contributions(codes, call.token_index[rows], self.lookups[c], concept.weights, self.sae.W_dec)
+        tokens = call.token_index[rows]
+        if concept.readout == "token":  # its score is one token's: the latents that carried that token
+            best = int(token_scores(codes, self.lookups[c], concept.weights).argmax())
+            codes, tokens = SparseCodes(codes.values[best:best + 1], codes.indices[best:best + 1]), tokens[best:best + 1]
+        return latent_contributions(codes, tokens, self.lookups[c], concept.weights, self.sae.W_dec)
 
 
 @contextmanager

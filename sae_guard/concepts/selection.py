@@ -2,7 +2,8 @@
 
 Every strategy reads per-input summaries: `target` (n_t, d_sae) and `retain` (n_r, d_sae), each row
 the maximum activation of every latent over that input's real tokens, and returns feature indices, or
-(indices, weights) for a linear readout (`probe`).
+(indices, weights) for a linear readout (`probe`). The strategies in `TOKEN_STRATEGIES` read every token's code
+instead (`token_probe`: the encoder's (codes, input index, input count) of each side).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .probe import probe
+from .token_probe import token_probe
 
 Strategy = Callable[..., Tensor | tuple[Tensor, Tensor]]
 
@@ -112,7 +114,8 @@ def greedy_tpr(target: Tensor, retain: Tensor, n_features: int = 32, fpr: float 
 
 
 STRATEGIES: dict[str, Strategy] = {"coverage": coverage, "f1": f1, "itd": itd, "mean_contrast": mean_contrast,
-                                   "greedy_tpr": greedy_tpr, "probe": probe}
+                                   "greedy_tpr": greedy_tpr, "probe": probe, "token_probe": token_probe}
+TOKEN_STRATEGIES = frozenset({"token_probe"})  # fitted on token codes; an input's score is its best token's
 
 
 def _top_union(summaries: Tensor, n: int) -> Tensor:
