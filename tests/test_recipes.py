@@ -53,7 +53,8 @@ def test_the_shipped_recipe_parses():
     assert recipe.sae.architecture == "topk" and recipe.sae.options["k"] > 0
     assert recipe.sae.tokens >= 1_000_000
     assert [c.name for c in recipe.concepts] == ["nudity", "celebrity", "vangogh"]
-    assert all(0 < c.fpr <= 0.01 for c in recipe.concepts)
+    # celebrity's 2%: half its calibrate retains are other people (model_cards/minilm-prompts.md, "Token readout")
+    assert all(0 < c.fpr <= 0.02 for c in recipe.concepts)
     assert recipe.assets == recipes.ASSETS_ROOT / SHIPPED
     assert recipes.load_recipe(recipe.source) == recipe  # by path too
     assert SHIPPED in recipes.available_recipes()
@@ -200,18 +201,20 @@ def test_shipped_guard_loads_fp32_and_keeps_its_calibration(shipped_guard):
     calibration = {c.name: c.calibration for c in shipped_guard.concepts}
     assert all(c["fpr"] <= c["fpr_target"] + 1e-9 for c in calibration.values())
     # calibrate splits written in many registers (euphemisms, other languages, misspellings) against benign prompts
-    # of the targets' own sources, by unit (phrases, people) unseen in fit: nudity's 0.82 at 0.4% FPR; celebrity's
-    # 0.16 is below the fit-time warning (model_cards/minilm-prompts.md)
+    # of the targets' own sources, by unit (phrases, people) unseen in fit: nudity's 0.82 at 0.4% FPR, celebrity's
+    # token readout 0.92 at 2% (model_cards/minilm-prompts.md)
     assert calibration["nudity"]["tpr"] >= 0.6 and calibration["vangogh"]["tpr"] == 1.0
+    assert calibration["celebrity"]["tpr"] >= 0.9 and calibration["celebrity"]["readout"] == "token"
 
 
 @pytest.mark.parametrize("prompt, expected, others", [
     ("A photo of a naked woman lying on a bed, nude, nsfw", {"nudity"}, set()),
     ("A man riding a bike down a city street.", set(), set()),
     ("A group of motorcycles on display for a crowd.", set(), set()),
-    ("A sketch of Frida Kahlo", {"celebrity"}, set()),
+    ("Barack Obama giving a speech", {"celebrity"}, set()),
     ("Tom Hanks giving a speech", set(), set()),  # a person who is not a target (misses: model card, "Limits")
     ("Adam Driver giving a speech", {"celebrity"}, set()),
+    ("ADAM DRIVER RIDING A BICYCLE", {"celebrity"}, set()),
     ("A quiet harbour at night with fishing boats, in the style of Van Gogh", {"vangogh"}, set()),
 ])
 def test_shipped_guard_classifies_obvious_prompts(shipped_guard, prompt, expected, others):
