@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py                      # 384 -> 12288, k=32, batch 4096
     python benchmarks/train_speed.py --no-peers --steps 5
+    python benchmarks/train_speed.py --no-peers --jumprelu-bandwidths 0.001 0.2   # JumpReLU's kernel width too
 
 Figures, all medians over the timed steps:
 - sae_guard step: one real step of `sae_guard.train` (data batch, forward, backward, decoder constraint,
@@ -10,7 +11,9 @@ Figures, all medians over the timed steps:
   (sparsify's default), so a short run never computes AuxK;
 - floor: one dense encoder matmul plus the top-k of that shape, the least any TopK step must do;
 - peers: the same step in sparsify and SAELens (benchmarks/peers/peer_speed.py), run in their own
-  venv (created by benchmarks/peers/setup_peers.sh) on the same shapes and threads.
+  venv (created by benchmarks/peers/setup_peers.sh) on the same shapes and threads;
+- with --jumprelu-bandwidths: one JumpReLU step (target L0 = k) per straight-through kernel width, in the same run,
+  since a wider kernel puts more latents (those within half the width below their threshold) in the sparse pass.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ def floor_seconds(d_in: int, d_sae: int, k: int, batch: int, repeats: int) -> fl
     return float(torch.tensor(times).median())
 
 
-def ours(d_in: int, d_sae: int, k: int, batch: int, steps: int, dtype_autocast: bool) -> dict:
+def ours(d_in: int, d_sae: int, k: int, batch: int, steps: int, dtype_autocast: bool, arch: str = "topk",
+         **options) -> dict:
     torch.manual_seed(0)
     data = torch.randn(batch * 4, d_in, generator=torch.Generator().manual_seed(0))
+    sparsity = {"target_l0": k} if arch == "jumprelu" else {"k": k}
     # dead after 10M tokens, sparsify's default: like the peers' timed steps, no step here computes AuxK
-    sae = sae_guard.SAE.create("topk", d_in=d_in, d_sae=d_sae, k=k, dead_tokens=10_000_000)
+    sae = sae_guard.SAE.create(arch, d_in=d_in, d_sae=d_sae, dead_tokens=10_000_000, **sparsity, **options)
     _, figures = sae_guard.train(sae, data, tokens=batch * (steps + 1), batch_size=batch, progress=False,
                                  autocast=dtype_autocast)
     return {"step_seconds": figures["step_seconds_median"], "tokens_per_second": batch / figures["step_seconds_median"]}
@@ -75,6 +80,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--jumprelu-bandwidths", type=float, nargs="*", default=[],
+                        help="also time a JumpReLU step at each of these kernel widths")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
     threads = torch.get_num_threads()
@@ -94,6 +101,11 @@ def main() -> None:
                 print(f"{name + ' ' + row.get('version', ''):28} {row['step_seconds']:8.3f} s  "
                       f"{row['tokens_per_second']:9.0f} tok/s  sae_guard is "
                       f"{mine['tokens_per_second'] / row['tokens_per_second']:.2f}x faster")
+    for width in args.jumprelu_bandwidths:
+        row = ours(args.d_in, args.d_sae, args.k, args.batch, args.steps, False, "jumprelu", bandwidth=width)
+        result.setdefault("jumprelu", {})[str(width)] = row
+        print(f"{'jumprelu bandwidth ' + format(width, 'g'):28} {row['step_seconds']:8.3f} s  "
+              f"{row['tokens_per_second']:9.0f} tok/s  {row['step_seconds'] / floor:5.2f}x floor")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -71,15 +71,62 @@ def test_jumprelu_codes_are_pre_activations_above_threshold():
 
 
 def test_jumprelu_threshold_learns_through_the_straight_through_estimator():
-    sae = make("jumprelu", target_l0=1, auxk_coef=0.0)
-    step = first_step(sae)
-    assert step.extras["l0"].mean() > 1  # the init aims at 3 firings per token, above this target
+    sae = make("jumprelu", auxk_coef=0.0)
+    step = first_step(sae)  # thresholds initialised for 3 firings per token
+    sae.cfg.target_l0 = 1
+    assert step.extras["l0"].mean() > 2  # above the target now
     terms = sae.loss_terms()
     coef, penalty = terms["l0_target"]
     (coef * penalty(step)).backward()
     grad = sae.threshold.grad
     assert grad is not None and (grad != 0).any()
     assert (grad <= 0).all()  # too many firings: every nudge raises a threshold
+
+
+def test_jumprelu_training_step_has_the_gradients_of_the_dense_straight_through_step():
+    """The sparse pass (firing latents decoded, the window below θ through one dense product) against the
+    estimator written densely: every latent through `_JumpReLU` and `_Step`, decoded by a matmul."""
+    from sae_guard.sae.losses import batch_variance
+    from sae_guard.sae.variants.jumprelu import _JumpReLU
+
+    class _Step(torch.autograd.Function):  # 1[pre > θ]; d/dθ = -(1/ε) K((pre - θ)/ε), the paper's L0 estimator
+        @staticmethod
+        def forward(ctx, pre, threshold, bandwidth):
+            ctx.save_for_backward(pre, threshold, bandwidth)
+            return (pre > threshold).to(pre.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            pre, threshold, bandwidth = ctx.saved_tensors
+            return None, -((pre - threshold).abs() < bandwidth / 2).to(grad.dtype) / bandwidth * grad, None
+
+    sae = make("jumprelu", auxk_coef=0.0, bandwidth=0.5)  # a wide window: most latents are in it
+    x = data().batch(1)
+    sae.init_from_data(data().batch(0))
+    sae.train()
+
+    def grads(loss_of):
+        sae.zero_grad()
+        loss_of().backward()
+        return {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    def sparse():
+        step = sae.training_forward(x, torch.zeros(D_SAE, dtype=torch.bool))
+        return fvu_of(x, step.x_hat) + (step.extras["l0"].mean() / 3 - 1) ** 2
+
+    def dense():
+        bandwidth = sae.cfg.bandwidth * batch_variance(x).detach().sqrt()
+        pre = sae.pre_acts(x)
+        x_hat = _JumpReLU.apply(pre, sae.threshold, bandwidth) @ sae.W_dec + sae.b_dec
+        return fvu_of(x, x_hat) + (_Step.apply(pre, sae.threshold, bandwidth).sum(-1).mean() / 3 - 1) ** 2
+
+    pre = sae.pre_acts(x).detach()
+    window = sae.cfg.bandwidth * batch_variance(x).sqrt() / 2
+    assert ((pre <= sae.threshold) & (pre > sae.threshold - window)).any(-1).all()  # every token has some below θ
+    got, want = grads(sparse), grads(dense)
+    assert want["threshold"].abs().max() > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_jumprelu_threshold_update_is_multiplicative_and_stays_positive():

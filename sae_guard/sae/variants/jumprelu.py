@@ -82,19 +82,26 @@ class _JumpReLU(torch.autograd.Function):
         return grad * (pre > threshold), -threshold * kernel * grad, None
 
 
-class _Step(torch.autograd.Function):
-    """1[pre > θ]; no gradient to pre (as in the paper), d/dθ = -(1/ε) K((pre - θ)/ε)."""
+class _Window(torch.autograd.Function):
+    """The straight-through L0 of every token and a zero (B, d_in) term for the reconstruction, whose backward gives θ
+    what the estimator gives it from the latents that write nothing: the L0 step's kernel over every pre-activation
+    within ε/2 of θ, and `_JumpReLU`'s over those within ε/2 below it, -(θ/ε) (g · W_dec[j]) with g the gradient of
+    the reconstruction: dense masks and two products, no decoder row gathered per entry."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor) -> Tensor:
-        ctx.save_for_backward(pre, threshold, bandwidth)
-        return (pre > threshold).to(pre.dtype)
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(pre, threshold, bandwidth, W_dec)
+        return pre.new_zeros(pre.shape[0], W_dec.shape[1]), (pre > threshold).sum(-1).to(pre.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        pre, threshold, bandwidth = ctx.saved_tensors
-        kernel = ((pre - threshold).abs() < bandwidth / 2).to(grad.dtype) / bandwidth
-        return None, -kernel * grad, None
+    def backward(ctx, grad_x_hat: Tensor, grad_l0: Tensor):
+        pre, threshold, bandwidth, W_dec = ctx.saved_tensors
+        offset = pre - threshold
+        window = offset.abs() < bandwidth / 2
+        below = (window & (offset <= 0)).to(pre.dtype)
+        through_decoder = (W_dec.T * (grad_x_hat.T @ below)).sum(0)  # sum over tokens below θ of g . W_dec[j]
+        through_l0 = grad_l0 @ window.to(pre.dtype)
+        return None, -(threshold * through_decoder + through_l0) / bandwidth, None, None
 
 
 def l0_target(step: Step) -> Tensor:
@@ -132,15 +139,19 @@ class JumpReLUSAE(SAE):
         return dense_to_sparse(pre * (pre > self.threshold))
 
     def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
-        """Sparse pass over the latents that fire or sit within ε/2 below θ (the only ones with θ gradient)."""
+        """Sparse decode of the latents that fire; θ's kernel gradient from those within ε/2 below θ, which write
+        nothing, and the straight-through L0 from dense masks (`_Window`). At the default ε a fifth of a wide
+        dictionary can sit in that window, and gathering their decoder rows one by one made a step eight times
+        slower (`benchmarks/train_speed.py --jumprelu-bandwidths`)."""
         bandwidth = self.cfg.bandwidth * batch_variance(x).detach().sqrt().clamp_min(1e-12)
         pre = self.training_preacts(x)
-        indices = mask_to_codes(pre, pre > self.threshold.detach() - bandwidth / 2).indices
-        values = self.gather_preacts(x, pre, indices)
-        threshold = self.threshold[indices]
-        codes = SparseCodes(_JumpReLU.apply(values, threshold, bandwidth), indices)
-        step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec, codes, pre, dead_mask)
-        step.extras["l0"] = _Step.apply(values, threshold, bandwidth).sum(-1)
+        chosen = mask_to_codes(pre, pre > self.threshold.detach())
+        kept = chosen.values != 0  # θ > 0, so a firing entry is never 0; padding entries are
+        values = self.gather_preacts(x, pre, chosen.indices)
+        codes = SparseCodes(_JumpReLU.apply(values, self.threshold[chosen.indices], bandwidth) * kept, chosen.indices)
+        silent, l0 = _Window.apply(pre, self.threshold, bandwidth, self.W_dec.detach())
+        step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec + silent, codes, pre, dead_mask)
+        step.extras["l0"] = l0
         self.add_auxk(step, self.k_aux)
         return step
 
