@@ -22,9 +22,10 @@ Choices the paper leaves open, and why:
 
 Budget: 6M tokens, twice TopK's 3M: on five of the benchmark's seven training generators it passes 0.9
 recovery at 2.0-4.25M tokens, and on held-out wide_replayed_coherent at 4.75M. It does not hold on every
-data: held-out issue17 (a replayed set, Zipf 0.9, k 8 for ~6 active) 0.604 in 6M, small (k 3 for 4 active)
-0.828, wide_magnitudes (log-normal sigma 1.0) 0.277; no budget is known there, where TopK recovers
-0.998-1.000 in 3M. Prefer TopK or BatchTopK where the number of tokens is fixed.
+data: held-out issue17 (a replayed set, Zipf 0.9, k 8 for ~6 active) 0.775 in 6M, small (k 3 for 4 active)
+0.879, wide_magnitudes (log-normal sigma 1.0) 0.596; no budget is known there, where TopK recovers
+0.998-1.000 in 3M. Prefer TopK or BatchTopK where the number of tokens is fixed. The wide kernel's window costs
+a step about 2.5x the paper-width one (model_cards/sae-zoo.md, "JumpReLU's training step").
 """
 
 from __future__ import annotations
