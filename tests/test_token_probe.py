@@ -35,7 +35,8 @@ def _encoder(table: list[torch.Tensor]):
     def encode(inputs):
         rows = [table[i] for i in inputs]
         if not rows:
-            return SparseCodes(torch.zeros(0, K), torch.zeros(0, K, dtype=torch.long)), torch.zeros(0, dtype=torch.long), 0
+            empty = SparseCodes(torch.zeros(0, K), torch.zeros(0, K, dtype=torch.long))
+            return empty, torch.zeros(0, dtype=torch.long), 0
         stacked = torch.cat(rows)
         owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([r.shape[0] for r in rows]))
         return SparseCodes(stacked[..., 1], stacked[..., 0].long()), owner, len(rows)
@@ -96,4 +97,5 @@ def test_a_token_probe_concept_fits_saves_and_loads_as_a_token_readout(tmp_path)
     (loaded,) = load_concepts(tmp_path)
     assert loaded.readout == "token"
     W_dec = torch.randn(D_SAE, 8)
-    torch.testing.assert_close(loaded.scores(encode, retain, D_SAE, W_dec), concept.scores(encode, retain, D_SAE, W_dec))
+    torch.testing.assert_close(loaded.scores(encode, retain, D_SAE, W_dec),
+                               concept.scores(encode, retain, D_SAE, W_dec))

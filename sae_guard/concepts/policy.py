@@ -127,7 +127,8 @@ class ConceptPolicy:
         tokens = call.token_index[rows]
         if concept.readout == "token":  # its score is one token's: the latents that carried that token
             best = int(token_scores(codes, self.lookups[c], concept.weights).argmax())
-            codes, tokens = SparseCodes(codes.values[best:best + 1], codes.indices[best:best + 1]), tokens[best:best + 1]
+            keep = slice(best, best + 1)
+            codes, tokens = SparseCodes(codes.values[keep], codes.indices[keep]), tokens[keep]
         return latent_contributions(codes, tokens, self.lookups[c], concept.weights, self.sae.W_dec)
 
 

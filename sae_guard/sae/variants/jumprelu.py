@@ -84,10 +84,10 @@ class _JumpReLU(torch.autograd.Function):
 
 
 class _Window(torch.autograd.Function):
-    """The straight-through L0 of every token and a zero (B, d_in) term for the reconstruction, whose backward gives θ
-    what the estimator gives it from the latents that write nothing: the L0 step's kernel over every pre-activation
-    within ε/2 of θ, and `_JumpReLU`'s over those within ε/2 below it, -(θ/ε) (g · W_dec[j]) with g the gradient of
-    the reconstruction: dense masks and two products, no decoder row gathered per entry."""
+    """The straight-through L0 of every token and a zero (B, d_in) term for the reconstruction, whose backward gives
+    θ what the estimator gives it from the latents that write nothing: the L0 step's kernel over every
+    pre-activation within ε/2 of θ, and `_JumpReLU`'s over those within ε/2 below it, -(θ/ε) (g · W_dec[j]) with g
+    the gradient of the reconstruction: dense masks and two products, no decoder row gathered per entry."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
