@@ -269,3 +269,14 @@ def test_import_and_help_do_not_load_torch():
              "assert not heavy, heavy; from sae_guard import SAE, guard; assert 'torch' in sys.modules")
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_explain_of_a_token_readout_names_the_one_token_its_score_rests_on(tmp_path, capsys):
+    path = tmp_path / "people.txt"
+    path.write_text("Barack Obama giving a speech\n", encoding="utf-8")
+    assert main(["classify", RECIPE, "--prompts", str(path), "--json", "--explain"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    carried = row["latents"]["celebrity"]
+    assert row["concepts"] == ["celebrity"] and carried
+    assert len({r["token"] for r in carried}) == 1  # the best token's code, not maxima gathered over the prompt
+    assert carried[0]["token"] in row["tokens"]["celebrity"]  # a token whose own score passes the threshold
