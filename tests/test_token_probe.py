@@ -5,8 +5,8 @@ import torch
 
 from sae_guard.concepts import Concept, load_concepts, save_concepts
 from sae_guard.concepts.probe import probe
-from sae_guard.concepts.scoring import feature_slots, max_activations
-from sae_guard.concepts.token_probe import token_probe, token_readout_scores
+from sae_guard.concepts.scoring import feature_slots, max_activations, token_readout_scores
+from sae_guard.concepts.token_probe import token_probe
 from sae_guard.sae.codes import SparseCodes
 
 D_SAE, K = 24, 4

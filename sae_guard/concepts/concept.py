@@ -9,7 +9,7 @@ inputs is recorded beside it. Several concepts share one SAE; adding one needs n
 
 Most strategies pick features, and an input's score is the largest energy they write at one of its tokens; the
 `probe` strategy also weighs them, and the score is a linear readout of their maxima (`scoring`); `token_probe`
-weighs them too, and the score is the largest linear readout of one token's code (`token_probe`).
+weighs them too, and the score is the largest linear readout of one token's code.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..sae.codes import SparseCodes
-from .scoring import feature_slots, input_scores, max_activations, readout_scores, token_energies
+from .scoring import feature_slots, input_scores, max_activations, readout_scores, token_energies, token_readout_scores
 from .selection import STRATEGIES, TOKEN_STRATEGIES
-from .token_probe import token_readout_scores
 
 MIN_CALIBRATE = 5  # held-out target and retain inputs, each, below which a threshold and its TPR mean nothing
 POOR_TPR = 0.5  # a calibrated TPR below this warns (PoorConceptWarning): the concept misses most of its examples

@@ -24,8 +24,7 @@ from ..hooks.gate import GateCall
 from ..sae.base import SAE
 from ..sae.codes import SparseCodes
 from .concept import Concept
-from .scoring import latent_contributions
-from .token_probe import token_scores
+from .scoring import latent_contributions, token_scores
 
 
 @dataclass

@@ -1,11 +1,13 @@
 """Concept scores from SAE codes, over each input's real tokens only, so they never depend on the batch.
 
-Two readouts:
+Three readouts:
 - energy (features picked without weights): the energy of concept c at a token is the norm of what its features
   write there, |sum_{j in F_c} z_j W_dec[j]| (ItD's "MSE when the features are flipped", without the SAE error
   and the padding that made ItD's score depend on the batch); an input's score is its largest token energy.
 - linear (features with signed weights, `probe`): an input's score is sum_j w_j * max_t z_tj, its largest
   activation of each feature weighed; the tokens it rests on hold a positive-weight feature's maximum.
+- token (features with signed weights, `token_probe`): a token's score is sum_j w_j * z_tj over its own code, an
+  input's score its largest token score; the tokens it rests on are those whose own score passes the threshold.
 """
 
 from __future__ import annotations
@@ -56,10 +58,7 @@ def readout_scores(codes: SparseCodes, input_index: Tensor, n_inputs: int, slot:
     feature's maximum (what the score rests on). `slot` is `feature_slots` of the readout's features; the work is
     on their columns only, never on all of d_sae."""
     n_features = weights.numel()
-    entry_slot = slot.to(codes.indices.device)[codes.indices]  # (N, k): the latent's slot, -1 for other latents
-    inside = entry_slot >= 0
-    entry_slot = entry_slot.clamp_min(0)
-    values = torch.where(inside, codes.values.clamp_min(0), torch.zeros_like(codes.values))
+    entry_slot, inside, values = _slotted(codes, slot)
     maxima = codes.values.new_zeros(n_inputs * n_features)
     maxima.scatter_reduce_(0, (input_index[:, None] * n_features + entry_slot).reshape(-1), values.reshape(-1),
                            reduce="amax", include_self=True)
@@ -67,6 +66,36 @@ def readout_scores(codes: SparseCodes, input_index: Tensor, n_inputs: int, slot:
     weights = weights.to(maxima)
     holds = inside & (values > 0) & (values == maxima[input_index[:, None], entry_slot]) & (weights[entry_slot] > 0)
     return (maxima * weights).sum(-1), holds.any(-1)  # row by row: an input's score never depends on its batch
+
+
+def token_scores(codes: SparseCodes, slot: Tensor, weights: Tensor) -> Tensor:
+    """(N,) each token's readout `sum_j w_j z_tj` over the readout's latents (`slot`: `feature_slots`)."""
+    entry_slot, _, values = _slotted(codes, slot)
+    return (weights.to(values)[entry_slot] * values).sum(-1)
+
+
+def token_readout_scores(codes: SparseCodes, input_index: Tensor, n_inputs: int, slot: Tensor, weights: Tensor,
+                         threshold: float | None) -> tuple[Tensor, Tensor]:
+    """(n_inputs,) each input's largest token score and (N,) the tokens whose own score is above `threshold`: what
+    the verdict rests on."""
+    per_token = token_scores(codes, slot, weights)
+    return input_maxima(per_token, input_index, n_inputs), per_token > (threshold if threshold is not None else 0.0)
+
+
+def input_maxima(per_token: Tensor, input_index: Tensor, n_inputs: int) -> Tensor:
+    """(n_inputs,) each input's largest per-token value, which may be negative; 0 for an input without tokens."""
+    top = per_token.new_full((n_inputs,), float("-inf"))
+    top = top.scatter_reduce(0, input_index.to(top.device), per_token, reduce="amax", include_self=True)
+    return torch.where(torch.isinf(top), torch.zeros_like(top), top)
+
+
+def _slotted(codes: SparseCodes, slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per code entry (N, k): the latent's slot in a readout (0 for other latents), whether it is one of the
+    readout's, and its activation there (0 elsewhere, never negative)."""
+    entry_slot = slot.to(codes.indices.device)[codes.indices]  # -1 for latents outside the readout
+    inside = entry_slot >= 0
+    values = torch.where(inside, codes.values.clamp_min(0), torch.zeros_like(codes.values))
+    return entry_slot.clamp_min(0), inside, values
 
 
 def latent_contributions(codes: SparseCodes, token_index: Tensor, lookup: Tensor, weights: Tensor | None,

@@ -4,7 +4,7 @@
 readout can lean on which words come together, the prompt's style, as much as on the concept. A name is one
 token's business: "Adam Driver" is in the code of "driver" after "adam", whatever the sentence around it. Here a
 token's score is `sum_j w_j z_tj` over its own code and an input's score is its largest token score, so the verdict
-rests on one token, the one `--explain` names.
+rests on one token, the one `--explain` names (`scoring.token_readout_scores`).
 
 Fitting is multiple-instance logistic regression (a target input must have some token above the line, a retain
 input none): both classes weighted equally, each input's token scores pooled by log-sum-exp while fitting (a
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..sae.codes import SparseCodes
+from .scoring import input_maxima
 
 SETTLE_PENALTY = 2.0  # in units of a full step: clears every weight while the bias settles
 PENALTIES = tuple(2 ** (-i / 4) for i in range(1, 25))  # 0.84, 0.71, 0.59, ... 0.016
@@ -35,25 +36,6 @@ LEARNING_RATE = 0.05
 
 # encode(inputs)'s result: the codes of every real token (N, k), each token's input index (N,), the input count
 TokenCodes = tuple[SparseCodes, Tensor, int]
-
-
-def token_scores(codes: SparseCodes, slot: Tensor, weights: Tensor) -> Tensor:
-    """(N,) each token's readout `sum_j w_j z_tj` over the readout's latents (`slot`: `scoring.feature_slots`)."""
-    entry_slot = slot.to(codes.indices.device)[codes.indices]
-    inside = entry_slot >= 0
-    per_entry = weights.to(codes.values)[entry_slot.clamp_min(0)] * codes.values.clamp_min(0)
-    return torch.where(inside, per_entry, torch.zeros_like(per_entry)).sum(-1)
-
-
-def token_readout_scores(codes: SparseCodes, input_index: Tensor, n_inputs: int, slot: Tensor, weights: Tensor,
-                         threshold: float | None) -> tuple[Tensor, Tensor]:
-    """(n_inputs,) each input's largest token score (0 for an input without tokens) and (N,) the tokens whose own
-    score is above `threshold`: what the verdict rests on."""
-    per_token = token_scores(codes, slot, weights)
-    scores = per_token.new_full((n_inputs,), float("-inf"))
-    scores = scores.scatter_reduce(0, input_index.to(scores.device), per_token, reduce="amax", include_self=True)
-    scores = torch.where(torch.isinf(scores), torch.zeros_like(scores), scores)
-    return scores, per_token > (threshold if threshold is not None else 0.0)
 
 
 def token_probe(target: TokenCodes, retain: TokenCodes, n_features: int = 256) -> tuple[Tensor, Tensor]:
@@ -96,7 +78,6 @@ def _side_loss(weights: Tensor, bias: Tensor, values: Tensor, indices: Tensor, i
                label: float) -> Tensor:
     """Mean logistic loss of one class, each input's token scores pooled by log-sum-exp."""
     per_token = (weights[indices] * values).sum(-1) + bias
-    top = per_token.detach().new_full((n,), float("-inf")).scatter_reduce(0, index, per_token.detach(), "amax")
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    top = input_maxima(per_token.detach(), index, n)  # log-sum-exp, shifted by each input's max for stability
     pooled = top + torch.zeros(n).scatter_add(0, index, torch.exp(per_token - top[index])).clamp_min(1e-30).log()
     return torch.nn.functional.softplus(-pooled if label else pooled).mean()
