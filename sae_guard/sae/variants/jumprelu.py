@@ -90,9 +90,10 @@ class _Window(torch.autograd.Function):
     the gradient of the reconstruction: dense masks and two products, no decoder row gathered per entry."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor, W_dec: Tensor, firing: Tensor
+                ) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(pre, threshold, bandwidth, W_dec)
-        return pre.new_zeros(pre.shape[0], W_dec.shape[1]), (pre > threshold).sum(-1).to(pre.dtype)
+        return pre.new_zeros(pre.shape[0], W_dec.shape[1]), firing.sum(-1).to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad_x_hat: Tensor, grad_l0: Tensor):
@@ -102,7 +103,7 @@ class _Window(torch.autograd.Function):
         below = (window & (offset <= 0)).to(pre.dtype)
         through_decoder = (W_dec.T * (grad_x_hat.T @ below)).sum(0)  # sum over tokens below θ of g . W_dec[j]
         through_l0 = grad_l0 @ window.to(pre.dtype)
-        return None, -(threshold * through_decoder + through_l0) / bandwidth, None, None
+        return None, -(threshold * through_decoder + through_l0) / bandwidth, None, None, None
 
 
 def l0_target(step: Step) -> Tensor:
@@ -146,11 +147,12 @@ class JumpReLUSAE(SAE):
         slower (`benchmarks/train_speed.py --jumprelu-bandwidths`)."""
         bandwidth = self.cfg.bandwidth * batch_variance(x).detach().sqrt().clamp_min(1e-12)
         pre = self.training_preacts(x)
-        chosen = mask_to_codes(pre, pre > self.threshold.detach())
+        firing = pre > self.threshold.detach()
+        chosen = mask_to_codes(pre, firing)
         kept = chosen.values != 0  # θ > 0, so a firing entry is never 0; padding entries are
         values = self.gather_preacts(x, pre, chosen.indices)
         codes = SparseCodes(_JumpReLU.apply(values, self.threshold[chosen.indices], bandwidth) * kept, chosen.indices)
-        silent, l0 = _Window.apply(pre, self.threshold, bandwidth, self.W_dec.detach())
+        silent, l0 = _Window.apply(pre, self.threshold, bandwidth, self.W_dec.detach(), firing)
         step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec + silent, codes, pre, dead_mask)
         step.extras["l0"] = l0
         self.add_auxk(step, self.k_aux)
