@@ -143,6 +143,25 @@ def test_jumprelu_threshold_update_is_multiplicative_and_stays_positive():
     assert 0 < ratio[0] < 1
 
 
+def test_jumprelu_revives_a_dead_latent_by_lowering_its_threshold_to_its_best_token():
+    sae = make("jumprelu")
+    ds = data()
+    sae.init_from_data(ds.batch(0))
+    sae.train()
+    with torch.no_grad():
+        sae.threshold[:4] = 1e6  # these fire on nothing, and θ gets no gradient from the kernel
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:2] = True  # two of them are past the dead window
+    before = sae.threshold.detach().clone()
+    step = sae.training_forward(ds.batch(1), dead)
+    sae.after_optimizer_step(step)
+    pre = step.pre_acts
+    firing = (pre > sae.threshold).sum(0)
+    assert (firing[:2] >= 1).all()  # the dead latents fire again, on their best tokens of the batch
+    assert (sae.threshold[:2] < pre[:, :2].max(0).values).all()
+    torch.testing.assert_close(sae.threshold[2:], before[2:], atol=0, rtol=0)  # the rest are untouched
+
+
 def test_jumprelu_threshold_is_saved_as_theta_and_loaded(tmp_path):
     sae = trained("jumprelu")
     sae.save(tmp_path / "sae")
