@@ -30,11 +30,12 @@ Choices the paper leaves open, and why:
 
 Budget: the figures above are from `benchmarks/sae_quality.py`'s planted data (0.982 of the atoms in its flat set,
 as benchmarks/RESULTS.md records it), measured before the planted atoms' seed was salted: the SAE's initial decoder
-rows were then the atoms themselves, so they measured a start at the answer, and so did the choices above. On `benchmarks/zoo_defaults.py`'s base generator (d_sae 1024, defaults) GBA
-recovered 0.652 in 6M tokens and 0.682 in 12M (FVU 0.213, L0 8.26), where TopK recovers 1.000 in 3M: more tokens
-barely help, so no budget is stated for it there. Nor does width: at d_sae 2048 it recovered 0.236 with L0 26, since
-each latent keeps its group's target and their sum, which bounds L0, grows with the width. The groups' fixed rates fit
-that data badly (a tenth of the latents target 0.25, which no atom reaches; model_cards/sae-zoo.md).
+rows were then the atoms themselves, so they measured a start at the answer, and so did the choices above. On
+`benchmarks/zoo_defaults.py`'s base generator (d_sae 1024, defaults) GBA recovered 0.652 in 6M tokens and 0.682 in
+12M (FVU 0.213, L0 8.26), where TopK recovers 1.000 in 3M: more tokens barely help, so no budget is stated for it
+there. Nor does width: at d_sae 2048 it recovered 0.236 with L0 26, since each latent keeps its group's target and
+their sum, which bounds L0, grows with the width. The groups' fixed rates fit that data badly (a tenth of the
+latents target 0.25, which no atom reaches; model_cards/sae-zoo.md).
 """
 
 from __future__ import annotations
