@@ -162,6 +162,17 @@ def test_jumprelu_revives_a_dead_latent_by_lowering_its_threshold_to_its_best_to
     torch.testing.assert_close(sae.threshold[2:], before[2:], atol=0, rtol=0)  # the rest are untouched
 
 
+def test_jumprelu_revival_never_takes_a_threshold_to_zero_or_below():
+    sae = make("jumprelu")
+    sae.init_from_data(data().batch(0))
+    sae.train()
+    one_token = -data().batch(1)[:1]  # one token: no batch spread to floor θ with, and mostly negative pre-activations
+    step = sae.training_forward(one_token, torch.ones(D_SAE, dtype=torch.bool))
+    sae.after_optimizer_step(step)
+    assert (step.pre_acts <= 0).any()
+    assert (sae.threshold > 0).all()
+
+
 def test_jumprelu_threshold_is_saved_as_theta_and_loaded(tmp_path):
     sae = trained("jumprelu")
     sae.save(tmp_path / "sae")

@@ -148,7 +148,7 @@ class JumpReLUSAE(SAE):
         """Per latent, the θ at which it fires on its `tokens` largest pre-activations of `pre` (θ is the next one),
         floored at 1e-3 of the batch RMS so that θ stays positive."""
         floor = 1e-3 * batch_variance(x).sqrt()
-        return pre.topk(tokens + 1, dim=0).values[-1].clamp_min(floor.item())
+        return pre.topk(min(tokens + 1, pre.shape[0]), dim=0).values[-1].clamp_min(floor.item())
 
     def encode_sparse(self, x: Tensor) -> SparseCodes:
         pre = self.pre_acts(self.check_input(x))
@@ -205,12 +205,14 @@ class JumpReLUSAE(SAE):
         A latent dies when θ climbs above every pre-activation it has; θ then gets no gradient (the kernel sees
         nothing within ε/2), and AuxK turns its encoder toward the residual without it ever firing again. On planted
         `small` (d_sae 1024 for 256 atoms, 6M tokens) 76% of the latents ended dead and 0.879 of the atoms were
-        recovered; with this, 3% and 1.000. One token, not the share θ starts at: revived at their share, the
-        latents that stay dead in turn fired at it in eval too, L0 7.5 for a target of 3 (model_cards/sae-zoo.md).
+        recovered; with this, 3% and 1.000. One token, not the share θ starts at: revived at their share, latents
+        that never became useful were revived again and again and fired at that share in eval too, L0 7.5 for a
+        target of 3 (model_cards/sae-zoo.md, "JumpReLU's dead latents").
         """
         dead = step.dead_mask
         if dead is None or step.pre_acts is None or not bool(dead.any()):
             return
         idx = dead.nonzero().squeeze(-1)
         best = self.all_reduce(self._threshold_firing_on(step.pre_acts.index_select(-1, idx), step.x, 1), "min")
-        self.threshold[idx] = torch.minimum(self.threshold[idx], best)
+        current = self.threshold[idx]
+        self.threshold[idx] = torch.where(best > 0, torch.minimum(current, best), current)  # θ stays positive
