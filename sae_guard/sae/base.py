@@ -226,10 +226,9 @@ class SAE(nn.Module):
         is fitted as a linear regressor of the residual over tokens of both signs, its pulls cancel and its encoder
         shrinks (AbsTopK, planted steep_zipf: 61% of latents dead, 0.725 of atoms recovered; ReLU'd: 6%, 0.857).
         """
-        dead = step.dead_mask
-        if dead is None or step.pre_acts is None or not bool(dead.any()):
+        dead_idx = step.dead_latents()
+        if dead_idx is None:
             return
-        dead_idx = dead.nonzero().squeeze(-1)
         k = min(k_aux, dead_idx.numel())
         scores = step.pre_acts.index_select(-1, dead_idx)
         _, local = scores.topk(k, dim=-1, sorted=False)

@@ -30,6 +30,13 @@ class Step:
     dead_mask: Tensor | None = None  # (d_sae,) bool
     extras: dict[str, Tensor] = field(default_factory=dict)  # variant-specific intermediates
 
+    def dead_latents(self) -> Tensor | None:
+        """Indices of the latents past the dead window, or None when there are none or no pre-activations to revive
+        them from (what AuxK and JumpReLU's threshold revival both start from)."""
+        if self.dead_mask is None or self.pre_acts is None or not bool(self.dead_mask.any()):
+            return None
+        return self.dead_mask.nonzero().squeeze(-1)
+
 
 Loss = Callable[[Step], Tensor]
 

@@ -209,10 +209,9 @@ class JumpReLUSAE(SAE):
         that never became useful were revived again and again and fired at that share in eval too, L0 7.5 for a
         target of 3 (model_cards/sae-zoo.md, "JumpReLU's dead latents").
         """
-        dead = step.dead_mask
-        if dead is None or step.pre_acts is None or not bool(dead.any()):
+        idx = step.dead_latents()
+        if idx is None:
             return
-        idx = dead.nonzero().squeeze(-1)
         best = self.all_reduce(self._threshold_firing_on(step.pre_acts.index_select(-1, idx), step.x, 1), "min")
         current = self.threshold[idx]
         self.threshold[idx] = torch.where(best > 0, torch.minimum(current, best), current)  # θ stays positive
