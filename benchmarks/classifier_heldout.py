@@ -6,7 +6,8 @@
 Per concept, every method is fitted on the concept's fit split and thresholded at the concept's own recipe `fpr`
 on its calibrate split (the SAE row: the shipped guard at its shipped thresholds; keyword: its fixed rule), exactly
 as in benchmarks/classifier.py. Nothing is chosen on the held-out sets (`sae_guard.prompts.heldout`, from
-`sae_guard/concept_data/heldout.toml`); they are only scored:
+`sae_guard/concept_data/heldout.toml`; `--round 2`: heldout2.toml, written later for the builds after the first
+round had been read many times); they are only scored:
 - heldout_tpr / nearmiss_fpr: flag rates on the held-out targets and near misses at the calibrated threshold;
 - tpr@nm5: held-out TPR at the threshold that flags at most 5% of the near misses (equal FPR for every method:
   how well a method ranks, not how well its threshold transfers);
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     cap = args.max_per_side
     for name, data in recipes.concept_datasets(recipe, args.data).items():
         data = _capped(data, cap)
-        heldout = prompt_sets.heldout(name, args.data)
+        heldout = prompt_sets.heldout(name, args.data, args.round)
         extra = {k: _sample(v, cap, k) for k, v in extra_sets(name, args.data, recipe.data.split_seed).items()}
         print(f"{name}: held-out {len(heldout.target)} targets / {len(heldout.nearmiss)} near misses", file=sys.stderr)
         for method in baseline_methods(embedder):
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> dict:
         "max_per_side": cap,
     }
     guard.detach()
-    return {"recipe": recipe.name, "hookpoint": recipe.hookpoint, "rows": rows, "sae": overall}
+    return {"recipe": recipe.name, "hookpoint": recipe.hookpoint, "heldout_round": args.round, "rows": rows,
+            "sae": overall}
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -155,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--embedding-cache", help="file to keep the baselines' MiniLM embeddings in between runs")
     parser.add_argument("--max-per-side", type=int, help="hashed sample of at most this many prompts per set side")
+    parser.add_argument("--round", type=int, default=1, choices=sorted(prompt_sets.HELDOUT_ROUNDS),
+                        help="which round of held-out sets to score (sae_guard.prompts.HELDOUT_ROUNDS)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--results", help="rewrite this suite's section of this RESULTS.md")
     args = parser.parse_args(argv)

@@ -167,28 +167,35 @@ def test_nudity_splits_hold_no_evaluation_prompt(folder, datasets):
     assert not nudity_prompts & set(P.evaluation_prompts(folder))
 
 
-def test_heldout_sets_are_apart_from_every_fitting_and_training_prompt(folder, datasets):
+@pytest.mark.parametrize("round", sorted(P.HELDOUT_ROUNDS))
+def test_heldout_sets_are_apart_from_every_fitting_and_training_prompt(folder, datasets, round):
     training = set(P.sae_training_prompts(folder))
+    earlier = {p for r in P.HELDOUT_ROUNDS if r < round for name in CONCEPT_NAMES
+               for p in (*P.heldout(name, folder, r).target, *P.heldout(name, folder, r).nearmiss)}
     for name in CONCEPT_NAMES:
-        held = P.heldout(name, folder)
+        held = P.heldout(name, folder, round)
         assert len(held.target) >= 20 and len(held.nearmiss) >= 20
         assert not set(held.target) & set(held.nearmiss)
         used = {p for s in P.SPLITS for side in (datasets[name].split(s).target, datasets[name].split(s).retain)
                 for p in side}
         targets, retains = P.register_prompts(name, folder)
         written = set(targets) | set(retains)
-        assert not (set(held.target) | set(held.nearmiss)) & (used | training | written), name
+        assert not (set(held.target) | set(held.nearmiss)) & (used | training | written | earlier), name
 
 
-def test_heldout_celebrity_names_every_target_in_three_casings_and_no_target_among_the_others(folder, datasets):
-    held = P.heldout("celebrity", folder)
+@pytest.mark.parametrize("round", sorted(P.HELDOUT_ROUNDS))
+def test_heldout_celebrity_names_every_target_in_three_casings_and_no_target_among_the_others(folder, datasets,
+                                                                                               round):
+    held = P.heldout("celebrity", folder, round)
     names = datasets["celebrity"].target_names
     for name in names:
         for cased in (name, name.lower(), name.upper()):
             assert any(cased in p for p in held.target), cased
     assert not any(n.lower() in p.lower() for n in names for p in held.nearmiss)
     with pytest.raises(ValueError, match="no held-out set"):
-        P.heldout("cats", folder)
+        P.heldout("cats", folder, round)
+    with pytest.raises(ValueError, match="no held-out round"):
+        P.heldout("celebrity", folder, max(P.HELDOUT_ROUNDS) + 1)
 
 
 def test_register_datasets_add_the_written_prompts_to_every_split_and_train_the_sae_on_their_fit_split(folder):
