@@ -4,10 +4,11 @@
     python benchmarks/readout_budget.py --concept nudity --strategy probe --budgets 128 256
 
 For each budget: fit the concept on its fit split (the recipe's dataset, on the recipe's packaged SAE, or `--sae`),
-score its calibrate split, and print the calibrate TPR at thresholds that flag 0.4%, 1%, 2% and 3% of the calibrate
-retains, with the share of its near-miss retains (look-alikes: other people, benign senses, other painters) and of
-its ordinary retains (COCO captions and benign user prompts, `prompts._with_ordinary`) above each threshold. A
-recipe's `n_features` and `fpr` are chosen from this table; the test split and the held-out sets are never read.
+score its calibrate split, and print the calibrate TPR at thresholds that flag 0.4%, 1%, 2% and 3% (`--fprs`) of
+the calibrate retains, with the share of its near-miss retains (look-alikes: other people, benign senses, other
+painters) and of its ordinary retains (COCO captions and benign user prompts, `prompts._with_ordinary`) above each
+threshold. A recipe's `n_features` and `fpr` are chosen from this table; the test split and the held-out sets are
+never read.
 Activations come from the build's harvest cache in `--work` (the one `sae-guard train --work` wrote), or are
 harvested there.
 """
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="folder of the prompt CSVs")
     parser.add_argument("--sae", default=None, help="the SAE folder (default: the recipe's packaged sae/)")
     parser.add_argument("--work", default=None, help="harvest cache folder (default: a temporary one)")
+    parser.add_argument("--fprs", type=float, nargs="+", default=list(FPRS),
+                        help="calibrate-retain flag rates to read the TPR at (default: %(default)s)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -66,14 +69,14 @@ def main() -> None:
         started = time.perf_counter()
         concept = Concept(args.concept, target=data.fit.target, retain=data.fit.retain,
                           calibrate_target=data.calibrate.target, calibrate_retain=data.calibrate.retain,
-                          strategy=strategy, n_features=budget, fpr=FPRS[-1])
+                          strategy=strategy, n_features=budget, fpr=max(args.fprs))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PoorConceptWarning)  # the table says how poor
             concept.fit(codes, sae.d_sae, sae.W_dec.detach())
         target = concept.scores(codes, data.calibrate.target, sae.d_sae, sae.W_dec.detach())
         retain = concept.scores(codes, data.calibrate.retain, sae.d_sae, sae.W_dec.detach())
         row = {"budget": budget, "latents": int(concept.features.numel()), "seconds": 0.0, "at": {}}
-        for fpr in FPRS:
+        for fpr in args.fprs:
             threshold = threshold_at_fpr(retain, fpr)
             row["at"][fpr] = {"tpr": float((target > threshold).float().mean()),
                               "near_miss": float((retain[~is_ordinary] > threshold).float().mean()),
