@@ -3,9 +3,10 @@
     python benchmarks/zoo_defaults.py                                   # every generator, then the held-out ones
     python benchmarks/zoo_defaults.py --generators issue17 --arch topk batchtopk --json zoo.json
 
-Each variant gets d_sae=1024, k = the generator's true L0 plus its offset (within +-2; JumpReLU: target_l0 = k,
-GBA: its own default sparsity) and otherwise its defaults. Per variant and generator it reports the share of
-true atoms matched at cosine >= 0.9 (recovery), FVU and L0 of `sae(x)` in eval mode on 32,768 fresh samples,
+Each variant gets d_sae=1024, k = the generator's true L0 plus its offset (within +-2; JumpReLU, and ReLU and Gated
+when named with --arch: target_l0 = k; GBA: its own default sparsity) and otherwise its defaults. Per variant and
+generator it reports the share of true atoms matched at cosine >= 0.9 (recovery), FVU and L0 of `sae(x)` in eval
+mode on 32,768 fresh samples,
 the oracle FVU (the planted atoms' own FVU under the same budget: each sample's k largest coefficients, or the
 set's k * n largest for variants whose L0 varies per token; the floor where k is below the true L0), and
 tokens-to-0.9-recovery (recovery checked every `--probe-every` tokens during training; "-" when never
@@ -34,7 +35,7 @@ DEFAULT_BUDGET = 3e6
 
 
 def sparsity_args(arch: str, k: int) -> dict:
-    if arch == "jumprelu":
+    if arch in ("jumprelu", "relu", "gated"):  # penalty variants: the L0 their penalty steers to
         return {"target_l0": k}
     if arch == "gba":
         return {}

@@ -37,13 +37,14 @@ def test_tensor_and_iterable_data_both_train():
         assert figures["fvu"] < 1.0
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])  # batchtopk: its warm-up ends at step 13 of the 40
-def test_resume_finishes_with_the_same_weights(tmp_path, arch):
+# batchtopk: its warm-up ends at step 13 of the 40; relu with a target L0: its steered L1 weight resumes too
+@pytest.mark.parametrize("arch, options", [("topk", {"k": 3}), ("batchtopk", {"k": 3}), ("relu", {"target_l0": 3})])
+def test_resume_finishes_with_the_same_weights(tmp_path, arch, options):
     ds = small_data()
 
     def run(checkpoint_dir, tokens):
         torch.manual_seed(0)
-        sae = SAE.create(arch, d_in=16, d_sae=64, k=3, dead_tokens=2048)
+        sae = SAE.create(arch, d_in=16, d_sae=64, dead_tokens=2048, **options)
         return sae_guard.train(sae, ds, tokens=tokens, batch_size=256, progress=False,
                                checkpoint_dir=checkpoint_dir,
                                checkpoint_every=256 * 10 if checkpoint_dir else None)

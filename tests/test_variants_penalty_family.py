@@ -300,10 +300,32 @@ def test_relu_reconstruction_uses_the_l1_penalty():
     torch.testing.assert_close(fvu_of(step.x, step.x_hat), sae.loss_terms()["fvu"][1](step))
 
 
+@pytest.mark.parametrize("arch", L1_VARIANTS)
+def test_target_l0_steers_the_l1_weight_toward_it_from_either_side(arch):
+    x = held_out()
+    fixed = evaluate(trained(arch).eval(), x)["l0"]  # about 20 after 60 steps at the default weight
+    fewer = trained(arch, target_l0=3, target_rate=0.05)
+    more = trained(arch, target_l0=40, target_rate=0.05)
+    assert fewer.l1_target.value > fewer.cfg.l1_coef > more.l1_target.value
+    assert evaluate(fewer.eval(), x)["l0"] < 0.75 * fixed < fixed < evaluate(more.eval(), x)["l0"]
+
+
+def test_steered_l1_weight_is_saved_and_loaded(tmp_path):
+    sae = trained("relu", steps=10, target_l0=3)
+    sae.save(tmp_path / "sae")
+    loaded = SAE.load(tmp_path / "sae")
+    assert loaded.l1_target.value == pytest.approx(sae.l1_target.value) != sae.cfg.l1_coef
+    assert loaded.loss_terms()["l1"][0] == pytest.approx(sae.l1_target.value)
+    assert make("relu").l1_target is None and "l1_target.log_coef" not in make("relu").state_dict()
+
+
 @pytest.mark.parametrize(
     "arch, kwargs, message",
     [
         ("jumprelu", {"target_l0": 0}, "target_l0"),
+        ("relu", {"target_l0": 64}, "target_l0"),
+        ("gated", {"target_l0": 3, "target_rate": 0}, "target_rate"),
+        ("relu", {"target_l0": 3, "l1_coef": 0}, "l1_coef"),
         ("jumprelu", {"bandwidth": 0}, "bandwidth"),
         ("gba", {"lowest_freq": 0.5, "highest_freq": 0.1}, "lowest_freq"),
         ("gba", {"activation": "gelu"}, "activation"),

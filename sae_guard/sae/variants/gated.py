@@ -10,7 +10,8 @@ stop-gradient copies of the decoder, so that loss trains the encoder and nothing
 
 Here b_enc is the gate bias. The L1 is weighted by decoder row norms and divided by the batch RMS
 deviation (as `losses.l1_decoder_weighted`), and the auxiliary reconstruction is a batch FVU, so the
-defaults do not depend on the activations' scale.
+defaults do not depend on the activations' scale. With `target_l0` set, the L1 weight steers itself to that L0 from
+`l1_coef` (`sae/l1_target.py`), as ReLU's does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import l1_target
 from ..base import SAE
 from ..codes import SparseCodes, dense_to_sparse
 from ..config import SAEConfig
@@ -32,12 +34,15 @@ from ..registry import register
 class GatedConfig(SAEConfig):
     l1_coef: float = 0.1  # training: weight of the L1 on ReLU(gate pre-activations), per unit RMS deviation
     aux_coef: float = 1.0  # training: weight of the gate's own reconstruction (through a frozen decoder)
+    target_l0: float | None = None  # training: steer the L1 weight to this L0 (start: l1_coef); None -> fixed
+    target_rate: float = 0.01  # training: step of log(L1 weight) per unit log(L0 / target_l0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("l1_coef", "aux_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        l1_target.check_target(self)
 
 
 def gate_l1(step: Step) -> Tensor:
@@ -63,6 +68,7 @@ class GatedSAE(SAE):
         super().__init__(cfg)
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.l1_target = l1_target.make(cfg)
 
     def gate_and_magnitude(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Gate pre-activations and dense codes (..., d_sae)."""
@@ -83,5 +89,10 @@ class GatedSAE(SAE):
         return step
 
     def loss_terms(self):
-        return {"fvu": (1.0, fvu), "gate_l1": (self.cfg.l1_coef, gate_l1),
+        return {"fvu": (1.0, fvu), "gate_l1": (l1_target.coefficient(self), gate_l1),
                 "gate_reconstruction": (self.cfg.aux_coef, gate_reconstruction)}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: Step) -> None:
+        super().after_optimizer_step(step)
+        l1_target.after_step(self, step.pre_acts > 0)

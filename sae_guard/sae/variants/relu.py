@@ -11,18 +11,23 @@ JumpReLU, Gated and TopK exist to avoid.
 Scale: `losses.l1_decoder_weighted` divides the L1 by the batch's RMS deviation, so with the batch FVU
 as reconstruction the penalty shrinks each active code by about `l1_coef / 2` of that RMS deviation,
 whatever the activations' scale.
+
+Sparsity: `l1_coef` is the paper's fixed penalty; with `target_l0` set it is only where a coefficient steered to
+that L0 starts (`sae/l1_target.py`), so one setting serves data whose L0 under a fixed penalty differs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import SAE
 from ..codes import SparseCodes, dense_to_sparse
 from ..config import SAEConfig
+from .. import l1_target
 from ..losses import Step, fvu, l1_decoder_weighted
 from ..registry import register
 from ..sparsifiers import mask_to_codes
@@ -31,11 +36,14 @@ from ..sparsifiers import mask_to_codes
 @dataclass
 class ReLUConfig(SAEConfig):
     l1_coef: float = 0.1  # training: weight of the decoder-norm-weighted L1 (per unit RMS deviation)
+    target_l0: float | None = None  # training: steer the L1 weight to this L0 (start: l1_coef); None -> fixed
+    target_rate: float = 0.01  # training: step of log(L1 weight) per unit log(L0 / target_l0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.l1_coef < 0:
             raise ValueError(f"l1_coef must be >= 0, got {self.l1_coef}")
+        l1_target.check_target(self)
 
 
 @register("relu")
@@ -43,6 +51,10 @@ class ReLUSAE(SAE):
     config_class = ReLUConfig
     cfg: ReLUConfig
     unit_norm_decoder = False
+
+    def __init__(self, cfg: ReLUConfig) -> None:
+        super().__init__(cfg)
+        self.l1_target = l1_target.make(cfg)
 
     def encode_sparse(self, x: Tensor) -> SparseCodes:
         return dense_to_sparse(F.relu(self.pre_acts(self.check_input(x))))
@@ -56,4 +68,9 @@ class ReLUSAE(SAE):
         return Step(self, x, x_hat, mask_to_codes(dense, pre.detach() > 0), pre.detach(), dead_mask)
 
     def loss_terms(self):
-        return {"fvu": (1.0, fvu), "l1": (self.cfg.l1_coef, l1_decoder_weighted)}
+        return {"fvu": (1.0, fvu), "l1": (l1_target.coefficient(self), l1_decoder_weighted)}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: Step) -> None:
+        super().after_optimizer_step(step)
+        l1_target.after_step(self, step.pre_acts > 0)
