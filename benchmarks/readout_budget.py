@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from sae_guard import prompts as prompt_sets
-from sae_guard.concepts import Concept, PoorConceptWarning, threshold_at_fpr
+from sae_guard.concepts import Concept, PoorConceptWarning, load_concepts, threshold_at_fpr
 from sae_guard.recipes import load_recipe
 from sae_guard.recipes.models import load_model
 from sae_guard.recipes.text import HarvestedCodes, concept_datasets, concept_prompts, harvest_activations
@@ -39,7 +39,9 @@ def main() -> None:
     parser.add_argument("--recipe", default="minilm-prompts")
     parser.add_argument("--concept", required=True)
     parser.add_argument("--strategy", default=None, help="default: the recipe's")
-    parser.add_argument("--budgets", type=int, nargs="+", required=True)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[])
+    parser.add_argument("--concepts", default=None,
+                        help="a built concepts/ folder: read its fitted concept at --fprs instead of fitting budgets")
     parser.add_argument("--data", default=None, help="folder of the prompt CSVs")
     parser.add_argument("--sae", default=None, help="the SAE folder (default: the recipe's packaged sae/)")
     parser.add_argument("--work", default=None, help="harvest cache folder (default: a temporary one)")
@@ -47,6 +49,8 @@ def main() -> None:
                         help="calibrate-retain flag rates to read the TPR at (default: %(default)s)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if not args.budgets and not args.concepts:
+        parser.error("give --budgets to fit, or --concepts to read a fitted concept")
 
     recipe = load_recipe(args.recipe)
     spec = next((c for c in recipe.concepts if c.name == args.concept), None)
@@ -65,14 +69,19 @@ def main() -> None:
           f"{int((~is_ordinary).sum())} near-miss and {int(is_ordinary.sum())} ordinary retains")
 
     rows = []
-    for budget in args.budgets:
+    fitted = {c.name: c for c in load_concepts(Path(args.concepts))} if args.concepts else {}
+    for budget in args.budgets or [None]:
         started = time.perf_counter()
-        concept = Concept(args.concept, target=data.fit.target, retain=data.fit.retain,
-                          calibrate_target=data.calibrate.target, calibrate_retain=data.calibrate.retain,
-                          strategy=strategy, n_features=budget, fpr=max(args.fprs))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PoorConceptWarning)  # the table says how poor
-            concept.fit(codes, sae.d_sae, sae.W_dec.detach())
+        if budget is None:
+            concept = fitted[args.concept]
+            budget = concept.n_features
+        else:
+            concept = Concept(args.concept, target=data.fit.target, retain=data.fit.retain,
+                              calibrate_target=data.calibrate.target, calibrate_retain=data.calibrate.retain,
+                              strategy=strategy, n_features=budget, fpr=max(args.fprs))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PoorConceptWarning)  # the table says how poor
+                concept.fit(codes, sae.d_sae, sae.W_dec.detach())
         target = concept.scores(codes, data.calibrate.target, sae.d_sae, sae.W_dec.detach())
         retain = concept.scores(codes, data.calibrate.retain, sae.d_sae, sae.W_dec.detach())
         row = {"budget": budget, "latents": int(concept.features.numel()), "seconds": 0.0, "at": {}}
