@@ -25,7 +25,8 @@ from sae_guard.synthetic import planted, planted_hierarchical, recovery
 SPARSITY_ARG = {
     "topk": {"k": 6}, "batchtopk": {"k": 6}, "abstopk": {"k": 6}, "matryoshka": {"k": 6},
     "mutual_choice": {"k": 6}, "feature_choice": {"k": 6}, "top_afa": {}, "variational": {"k": 6},
-    "archetypal": {"k": 6}, "jumprelu": {"target_l0": 6}, "gba": {}, "relu": {}, "gated": {},
+    "archetypal": {"k": 6}, "jumprelu": {"target_l0": 6}, "gba": {},
+    "relu": {"target_l0": 6}, "gated": {"target_l0": 6},
 }
 MUST_REACH = ["topk", "batchtopk", "jumprelu", "matryoshka", "gba", "mutual_choice", "feature_choice", "abstopk"]
 
