@@ -45,6 +45,8 @@ from ..losses import Step, auxk, batch_variance, fvu, l0
 from ..registry import register
 from ..sparsifiers import mask_to_codes
 
+WINDOW_ROWS = 256  # tokens per block of `_Window`'s backward: a (256, d_sae) float mask stays in cache
+
 
 @dataclass
 class JumpReLUConfig(SAEConfig):
@@ -92,7 +94,9 @@ class _Window(torch.autograd.Function):
     pre-activation within ε/2 of θ, and `_JumpReLU`'s over those within ε/2 below it, -(θ/ε) (g · W_dec[j]) with g
     the gradient of the reconstruction. The window is a fifth of a wide dictionary at the default ε, so it is read
     densely: masks compared straight into float buffers, the part below θ multiplied once by [g, dL0] stacked, the
-    part above θ by dL0 alone; the L0 itself is counted from the sparse codes."""
+    part above θ by dL0 alone; the L0 itself is counted from the sparse codes. The masks are built WINDOW_ROWS
+    tokens at a time into buffers reused across blocks, so they stay in cache instead of making three
+    (B, d_sae) passes through memory."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor, W_dec: Tensor, counts: Tensor
@@ -104,15 +108,23 @@ class _Window(torch.autograd.Function):
     def backward(ctx, grad_x_hat: Tensor, grad_l0: Tensor):
         pre, threshold, bandwidth, W_dec = ctx.saved_tensors
         half = bandwidth / 2
-        below, firing = torch.empty_like(pre), torch.empty_like(pre)
-        torch.gt(pre, threshold - half, out=below)
-        torch.gt(pre, threshold, out=firing)
-        below.sub_(firing)  # θ - ε/2 < pre <= θ
-        stacked = torch.cat([grad_x_hat, grad_l0[:, None]], dim=1).T @ below
-        del below
+        low, high = threshold - half, threshold + half
+        outer = torch.cat([grad_x_hat, grad_l0[:, None]], dim=1)
+        stacked = pre.new_zeros(outer.shape[1], pre.shape[1])  # [g, dL0]^T @ 1[θ - ε/2 < pre <= θ]
+        through_l0 = pre.new_zeros(pre.shape[1])  # dL0 @ 1[θ < pre < θ + ε/2]
+        rows = min(WINDOW_ROWS, pre.shape[0])
+        below, firing, top = (pre.new_empty(rows, pre.shape[1]) for _ in range(3))
+        for start in range(0, pre.shape[0], rows):
+            block = pre[start:start + rows]
+            n = block.shape[0]
+            b, f, t = below[:n], firing[:n], top[:n]
+            torch.gt(block, low, out=b)
+            torch.gt(block, threshold, out=f)
+            stacked.addmm_(outer[start:start + n].T, b.sub_(f))
+            torch.ge(block, high, out=t)
+            through_l0.addmv_(f.sub_(t).T, grad_l0[start:start + n])
         through_decoder = (W_dec.T * stacked[:-1]).sum(0)  # sum over tokens below θ of g . W_dec[j]
-        above = firing.sub_(torch.ge(pre, threshold + half, out=torch.empty_like(pre)))  # θ < pre < θ + ε/2
-        through_l0 = stacked[-1] + grad_l0 @ above
+        through_l0 += stacked[-1]
         return None, -(threshold * through_decoder + through_l0) / bandwidth, None, None, None
 
 
