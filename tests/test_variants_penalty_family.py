@@ -83,17 +83,20 @@ def test_jumprelu_threshold_learns_through_the_straight_through_estimator():
     assert (grad <= 0).all()  # too many firings: every nudge raises a threshold
 
 
-@pytest.mark.parametrize("window_rows", [None, 7])
-def test_jumprelu_training_step_has_the_gradients_of_the_dense_straight_through_step(window_rows, monkeypatch):
+@pytest.mark.parametrize("window_rows, sparse_window", [(None, None), (7, 0.0), (7, 1.0)])
+def test_jumprelu_training_step_has_the_gradients_of_the_dense_straight_through_step(window_rows, sparse_window,
+                                                                                      monkeypatch):
     """The sparse pass (firing latents decoded, the window below θ through one dense product) against the
     estimator written densely: every latent through `_JumpReLU` and `_Step`, decoded by a matmul. With 7 rows per
-    block the window's backward runs over many blocks and a short last one."""
+    block the window's backward runs over many blocks and a short last one, every block multiplied (0.0) or every
+    block gathered (1.0)."""
     from sae_guard.sae.losses import batch_variance
     from sae_guard.sae.variants import jumprelu
     from sae_guard.sae.variants.jumprelu import _JumpReLU
 
     if window_rows is not None:
         monkeypatch.setattr(jumprelu, "WINDOW_ROWS", window_rows)
+        monkeypatch.setattr(jumprelu, "SPARSE_WINDOW", sparse_window)
 
     class _Step(torch.autograd.Function):  # 1[pre > θ]; d/dθ = -(1/ε) K((pre - θ)/ε), the paper's L0 estimator
         @staticmethod

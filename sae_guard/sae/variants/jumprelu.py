@@ -46,6 +46,7 @@ from ..registry import register
 from ..sparsifiers import mask_to_codes
 
 WINDOW_ROWS = 256  # tokens per block of `_Window`'s backward: a (256, d_sae) float mask stays in cache
+SPARSE_WINDOW = 0.005  # on CPU a block whose window holds fewer entries than this share is gathered, not multiplied
 
 
 @dataclass
@@ -96,7 +97,8 @@ class _Window(torch.autograd.Function):
     densely: masks compared straight into float buffers, the part below θ multiplied once by [g, dL0] stacked, the
     part above θ by dL0 alone; the L0 itself is counted from the sparse codes. The masks are built WINDOW_ROWS
     tokens at a time into buffers reused across blocks, so they stay in cache instead of making three
-    (B, d_sae) passes through memory."""
+    (B, d_sae) passes through memory. At the paper's ε the window is nearly empty, and on CPU a block under
+    SPARSE_WINDOW is gathered entry by entry instead of multiplied."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor, W_dec: Tensor, counts: Tensor
@@ -110,7 +112,7 @@ class _Window(torch.autograd.Function):
         half = bandwidth / 2
         low, high = threshold - half, threshold + half
         outer = torch.cat([grad_x_hat, grad_l0[:, None]], dim=1)
-        stacked = pre.new_zeros(outer.shape[1], pre.shape[1])  # [g, dL0]^T @ 1[θ - ε/2 < pre <= θ]
+        stacked = pre.new_zeros(pre.shape[1], outer.shape[1])  # 1[θ - ε/2 < pre <= θ]^T @ [g, dL0]
         through_l0 = pre.new_zeros(pre.shape[1])  # dL0 @ 1[θ < pre < θ + ε/2]
         rows = min(WINDOW_ROWS, pre.shape[0])
         below, firing, top = (pre.new_empty(rows, pre.shape[1]) for _ in range(3))
@@ -120,11 +122,16 @@ class _Window(torch.autograd.Function):
             b, f, t = below[:n], firing[:n], top[:n]
             torch.gt(block, low, out=b)
             torch.gt(block, threshold, out=f)
-            stacked.addmm_(outer[start:start + n].T, b.sub_(f))
+            b.sub_(f)
+            if pre.device.type == "cpu" and b.sum() <= SPARSE_WINDOW * b.numel():  # a narrow window: gather it
+                tokens, latents = b.nonzero(as_tuple=True)
+                stacked.index_add_(0, latents, outer[start + tokens])
+            else:
+                stacked.addmm_(b.T, outer[start:start + n])
             torch.ge(block, high, out=t)
             through_l0.addmv_(f.sub_(t).T, grad_l0[start:start + n])
-        through_decoder = (W_dec.T * stacked[:-1]).sum(0)  # sum over tokens below θ of g . W_dec[j]
-        through_l0 += stacked[-1]
+        through_decoder = (W_dec * stacked[:, :-1]).sum(1)  # sum over tokens below θ of g . W_dec[j]
+        through_l0 += stacked[:, -1]
         return None, -(threshold * through_decoder + through_l0) / bandwidth, None, None, None
 
 
