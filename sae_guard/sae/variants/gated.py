@@ -11,7 +11,8 @@ stop-gradient copies of the decoder, so that loss trains the encoder and nothing
 Here b_enc is the gate bias. The L1 is weighted by decoder row norms and divided by the batch RMS
 deviation (as `losses.l1_decoder_weighted`), and the auxiliary reconstruction is a batch FVU, so the
 defaults do not depend on the activations' scale. With `target_l0` set, the L1 weight steers itself to that L0 from
-`l1_coef` (`sae/l1_target.py`), as ReLU's does.
+`l1_coef` (`sae/l1_target.py`), as ReLU's does. On the zoo's `base` data (target 6, 3M tokens) it reaches L0 5.78
+with FVU 0.393 and 0.277 of the atoms recovered (model_cards/sae-zoo.md, "ReLU and Gated").
 """
 
 from __future__ import annotations
