@@ -305,7 +305,7 @@ def _paired_dataset(
 
 CONCEPT_NAMES = ("nudity", "celebrity", "vangogh")  # the concepts with written prompts (see CONCEPTS)
 FITTING_FILE = Path(__file__).with_name("concept_data") / "fitting.toml"
-REGISTER_SIZE = 800  # generated nudity prompts a side
+REGISTER_SIZE = 600  # generated nudity prompts a side
 
 
 @lru_cache(maxsize=1)
