@@ -1,8 +1,8 @@
 """Planted dictionaries: activations made of known sparse features, for measuring SAE recovery.
 
-Each sample is a sparse non-negative mixture of unit atoms plus Gaussian noise. Atoms fire
-independently with Zipf-like probabilities (a few common, many rare) and log-normal magnitudes, as
-features in real activations seem to. The hierarchical version makes "child" atoms fire only with
+Each sample is a sparse mixture of unit atoms plus Gaussian noise, non-negative unless some atoms are made
+bipolar. Atoms fire independently with Zipf-like probabilities (a few common, many rare) and log-normal
+magnitudes, as features in real activations seem to. The hierarchical version makes "child" atoms fire only with
 their "parent", the pattern that invites feature absorption.
 
 A `PlantedDataset` is a resumable stream: batch i is a pure function of (seed, i).
@@ -38,6 +38,7 @@ class PlantedDataset:
     noise: float = 0.02
     seed: int = 0
     batch_size: int = 4096
+    bipolar: Tensor | None = None  # (n_atoms,) bool: atoms whose every occurrence takes either sign, evenly
 
     @property
     def d(self) -> int:
@@ -56,6 +57,9 @@ class PlantedDataset:
             active[:, child] &= active[:, self.parents[child]]
         mags = torch.exp(self.magnitude_sigma * torch.randn(n, self.n_atoms, generator=generator))
         coeffs = active * mags
+        if self.bipolar is not None:
+            flip = (torch.rand(n, self.n_atoms, generator=generator) < 0.5) & self.bipolar
+            coeffs = torch.where(flip, -coeffs, coeffs)
         x = coeffs @ self.atoms + self.noise * torch.randn(n, self.d, generator=generator)
         return x, coeffs
 
@@ -72,7 +76,7 @@ class PlantedDataset:
 
     def with_batch_size(self, batch_size: int) -> "PlantedDataset":
         return PlantedDataset(self.atoms, self.probs, self.parents, self.magnitude_sigma, self.noise, self.seed,
-                              batch_size)
+                              batch_size, self.bipolar)
 
     def expected_l0(self) -> float:
         if self.parents is None:
@@ -114,16 +118,21 @@ def _zipf(n: int, exponent: float, total: float, gen: torch.Generator) -> Tensor
 
 def planted(d: int = 128, n_atoms: int = 512, active: float = 6.0, zipf_exponent: float = 0.6,
             magnitude_sigma: float = 0.5, noise: float = 0.02, seed: int = 0, batch_size: int = 4096,
-            frequency_cap: float = 0.9, coherence: float = 0.0) -> PlantedDataset:
+            frequency_cap: float = 0.9, coherence: float = 0.0, bipolar: float = 0.0) -> PlantedDataset:
     """Independent atoms: about `active` fire per sample, with Zipf(`zipf_exponent`) frequencies.
 
     No atom fires more often than `frequency_cap` (so a steep law puts fewer than `active` per sample:
-    `expected_l0()` is the true figure); `coherence` > 0 makes atoms share cluster directions.
+    `expected_l0()` is the true figure); `coherence` > 0 makes atoms share cluster directions; a `bipolar` share
+    of the atoms fire with either sign (the features AbsTopK is built for; 0 keeps every mixture non-negative).
     """
     gen = _dictionary_rng(seed)
     atoms = _unit_atoms(n_atoms, d, gen, coherence)
     probs = _zipf(n_atoms, zipf_exponent, active, gen).clamp(max=frequency_cap)
-    return PlantedDataset(atoms, probs, None, magnitude_sigma, noise, seed, batch_size)
+    signed = None
+    if bipolar > 0:
+        signed = torch.zeros(n_atoms, dtype=torch.bool)
+        signed[torch.randperm(n_atoms, generator=gen)[: round(bipolar * n_atoms)]] = True
+    return PlantedDataset(atoms, probs, None, magnitude_sigma, noise, seed, batch_size, signed)
 
 
 def planted_hierarchical(d: int = 128, n_parents: int = 128, children_per_parent: int = 3, active: float = 6.0,
@@ -163,6 +172,7 @@ class Generator:
     noise: float = 0.02
     coherence: float = 0.0
     hierarchical: bool = False
+    bipolar: float = 0.0
     samples: int | None = None
     k_offset: int = 0
     seed: int = 0
@@ -172,7 +182,8 @@ class Generator:
                   "magnitude_sigma": self.magnitude_sigma, "noise": self.noise, "seed": self.seed}
         if self.hierarchical:
             return planted_hierarchical(n_parents=self.n_atoms // 4, children_per_parent=3, **common)
-        return planted(n_atoms=self.n_atoms, frequency_cap=self.frequency_cap, coherence=self.coherence, **common)
+        return planted(n_atoms=self.n_atoms, frequency_cap=self.frequency_cap, coherence=self.coherence,
+                       bipolar=self.bipolar, **common)
 
     def training_data(self, ds: PlantedDataset | None = None) -> PlantedDataset | Tensor:
         """What the SAE trains on: the fresh stream, or a fixed (samples, d) set to replay."""

@@ -216,6 +216,25 @@ def test_abstopk_keeps_signs_and_exactly_k_per_token():
     assert not hasattr(sae, "threshold")  # per-token selection needs none
 
 
+@pytest.mark.parametrize("selection", ["token", "batch"])
+def test_abstopk_sign_warmup_trains_as_topk_then_keeps_signs(selection):
+    torch.manual_seed(0)
+    sae = SAE.create("abstopk", d_in=D_IN, d_sae=D_SAE, k=K, selection=selection, sign_warmup=0.5)
+    x = data().batch(3)
+    sae.training_progress = 0.25  # in the warm-up: TopK's codes, each token's k largest positive pre-activations
+    codes = sae.training_forward(x).codes
+    pre = sae.pre_acts(x).detach()
+    assert (codes.values >= 0).all() and ((codes.values > 0).sum(-1) == K).all()
+    torch.testing.assert_close(codes.values.detach().sort(-1).values, pre.topk(K, -1).values.relu().sort(-1).values)
+    sae.training_progress = 0.75  # after it: the variant's own signed rule
+    assert (sae.training_forward(x).codes.values < 0).any()
+    sae.training_progress = 0.25
+    sae.eval()  # inference never warms up
+    assert (sae.encode_sparse(x).values < 0).any()
+    with pytest.raises(ValueError, match="sign_warmup"):
+        SAE.create("abstopk", d_in=D_IN, d_sae=D_SAE, k=K, sign_warmup=1.5)
+
+
 @pytest.mark.parametrize("spec", ["abstopk", "matryoshka", "batchtopk:token"])
 def test_token_selection_keeps_exactly_k_in_training_and_inference(spec):
     sae = make(spec)

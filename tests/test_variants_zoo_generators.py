@@ -48,6 +48,22 @@ def test_frequency_cap_and_coherence_change_the_data():
     assert torch.allclose(coherent.atoms.norm(dim=-1), torch.ones(256))
 
 
+def test_bipolar_atoms_take_either_sign_and_the_rest_stay_non_negative():
+    plain = planted(d=32, n_atoms=64, active=6.0, seed=3)
+    ds = planted(d=32, n_atoms=64, active=6.0, seed=3, bipolar=0.5)
+    assert torch.equal(ds.atoms, plain.atoms) and torch.equal(ds.probs, plain.probs)  # same dictionary and law
+    assert plain.bipolar is None and int(ds.bipolar.sum()) == 32
+    x, coeffs = ds.sample(20_000, torch.Generator().manual_seed(0))
+    fired = coeffs != 0
+    negative = (coeffs < 0).sum(0) / fired.sum(0).clamp_min(1)
+    assert (negative[~ds.bipolar] == 0).all()
+    common = ds.bipolar & (fired.sum(0) > 400)
+    assert common.any() and ((negative[common] - 0.5).abs() < 0.1).all()  # either sign, evenly
+    torch.testing.assert_close(x, coeffs @ ds.atoms, atol=0.2, rtol=0)  # signed mixtures plus the noise
+    assert torch.equal(ds.with_batch_size(8).bipolar, ds.bipolar)
+    assert (plain.sample(1000, torch.Generator().manual_seed(0))[1] >= 0).all()
+
+
 def test_an_sae_seeded_like_the_data_does_not_start_at_the_planted_atoms():
     # torch.manual_seed(s) then planted(seed=s) once gave the SAE's random decoder the atoms' own draws
     for seed in (0, 1, 17):
