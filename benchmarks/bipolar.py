@@ -19,6 +19,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+from zoo_defaults import parse_overrides
 
 import sae_guard
 from sae_guard.sae.metrics import evaluate
@@ -55,7 +56,7 @@ def main() -> None:
                         help="config fields for every run, as JSON values (sign_warmup=0.3333)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
-    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.overrides)}
+    overrides = parse_overrides(parser, args.overrides)
     rows = []
     print(f"{'arch':10} {'recovered':>9} {'bipolar: one latent':>19} {'split':>6} {'fvu':>7} {'l0':>5}  overrides")
     for arch in args.arch:

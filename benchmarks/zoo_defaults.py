@@ -108,6 +108,20 @@ def print_oracles(generators: list[Generator]) -> None:
         print(f"{gen.name:24} {ds.expected_l0():5.2f}  " + "   ".join(cells))
 
 
+def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    """`--set FIELD=VALUE ...` as config fields, each value read as JSON; a malformed one is a usage error."""
+    overrides = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes FIELD=VALUE, got {item!r}")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {field}: {value!r} is not a JSON value (strings need quotes: {field}='\"...\"')")
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = [g.name for g in GENERATORS + HELD_OUT]
@@ -125,15 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     order = [g for g in GENERATORS + HELD_OUT if g.name in args.generators]
-    overrides = {}
-    for item in args.overrides:
-        field, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set takes FIELD=VALUE, got {item!r}")
-        try:
-            overrides[field] = json.loads(value)
-        except json.JSONDecodeError:
-            parser.error(f"--set {field}: {value!r} is not a JSON value (strings need quotes: {field}='\"...\"')")
+    overrides = parse_overrides(parser, args.overrides)
     if args.oracle_only:
         print_oracles(order)
         return
