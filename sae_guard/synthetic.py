@@ -128,11 +128,11 @@ def planted(d: int = 128, n_atoms: int = 512, active: float = 6.0, zipf_exponent
     gen = _dictionary_rng(seed)
     atoms = _unit_atoms(n_atoms, d, gen, coherence)
     probs = _zipf(n_atoms, zipf_exponent, active, gen).clamp(max=frequency_cap)
-    signed = None
+    bipolar_atoms = None
     if bipolar > 0:
-        signed = torch.zeros(n_atoms, dtype=torch.bool)
-        signed[torch.randperm(n_atoms, generator=gen)[: round(bipolar * n_atoms)]] = True
-    return PlantedDataset(atoms, probs, None, magnitude_sigma, noise, seed, batch_size, signed)
+        bipolar_atoms = torch.zeros(n_atoms, dtype=torch.bool)
+        bipolar_atoms[torch.randperm(n_atoms, generator=gen)[: round(bipolar * n_atoms)]] = True
+    return PlantedDataset(atoms, probs, None, magnitude_sigma, noise, seed, batch_size, bipolar_atoms)
 
 
 def planted_hierarchical(d: int = 128, n_parents: int = 128, children_per_parent: int = 3, active: float = 6.0,

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..codes import SparseCodes
 from ..registry import register
-from ..sparsifiers import row_topk
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 
 
@@ -56,15 +54,8 @@ class AbsTopKSAE(BatchTopKSAE):
         progress = self.training_progress
         return self.training and progress is not None and progress < self.cfg.sign_warmup
 
-    def activate(self, pre: Tensor) -> Tensor:
-        return F.relu(pre) if self.unsigned_warmup() else pre
-
-    def select_per_token(self, pre: Tensor) -> SparseCodes:
-        if not self.unsigned_warmup():
-            return super().select_per_token(pre)
-        values = F.relu(pre)
-        indices = row_topk(values, max(1, round(self.cfg.k)))
-        return SparseCodes(values.gather(-1, indices), indices)
+    def keeps_signs(self) -> bool:
+        return not self.unsigned_warmup()
 
     def select_training(self, pre: Tensor) -> SparseCodes:
         return self.select_per_token(pre) if self.unsigned_warmup() else super().select_training(pre)

@@ -99,17 +99,21 @@ class BatchTopKSAE(SAE):
     def k_aux(self) -> int:
         return self.cfg.k_aux or max(1, self.d_in // 2)
 
+    def keeps_signs(self) -> bool:
+        """Whether codes keep their signs now: the class's `signed`, unless a subclass trains unsigned for a while."""
+        return self.signed
+
     def activate(self, pre: Tensor) -> Tensor:
-        return pre if self.signed else F.relu(pre)
+        return pre if self.keeps_signs() else F.relu(pre)
 
     def select_batch(self, pre: Tensor) -> SparseCodes:
         """Training selection over the whole batch; values are the activated pre-activations."""
-        return batch_topk(self.activate(pre), self.cfg.k, by_abs=self.signed)
+        return batch_topk(self.activate(pre), self.cfg.k, by_abs=self.keeps_signs())
 
     def select_per_token(self, pre: Tensor) -> SparseCodes:
         """The top round(k) activations of each token (TopK): the warm-up's selection, all of `selection="token"`."""
         k = max(1, round(self.cfg.k))
-        if self.signed:
+        if self.keeps_signs():
             return abs_topk(pre, k)
         values = F.relu(pre)
         indices = row_topk(values, k)
@@ -128,7 +132,7 @@ class BatchTopKSAE(SAE):
         if not self.batch_level:
             return self.select_per_token(pre)
         values = self.activate(pre)
-        return mask_to_codes(values, (values.abs() if self.signed else values) > self.threshold)
+        return mask_to_codes(values, (values.abs() if self.keeps_signs() else values) > self.threshold)
 
     def encode_sparse(self, x: Tensor) -> SparseCodes:
         return self.select_inference(self.pre_acts(self.check_input(x)))
