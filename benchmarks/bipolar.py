@@ -1,7 +1,7 @@
 """Bipolar features: does an SAE hold a feature that takes both signs in one latent, or split it in two?
 
     OMP_NUM_THREADS=1 python benchmarks/bipolar.py --arch abstopk topk
-    OMP_NUM_THREADS=1 python benchmarks/bipolar.py --arch abstopk --set sign_warmup=0.3333
+    OMP_NUM_THREADS=1 python benchmarks/bipolar.py --arch abstopk --set sign_warmup=0
 
 The data is the zoo's `base` setting (128-d, 512 atoms, about 6 active, k 6) with half its atoms bipolar: each
 occurrence of one takes either sign, evenly (`sae_guard.synthetic.planted(bipolar=0.5)`). AbsTopK is built to keep
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=float, default=3e6)
     parser.add_argument("--d-sae", type=int, default=1024)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", dest="overrides",
-                        help="config fields for every run, as JSON values (sign_warmup=0.3333)")
+                        help="config fields for every run, as JSON values (sign_warmup=0)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     overrides = parse_overrides(parser, args.overrides)

@@ -16,6 +16,7 @@ from sae_guard.sae.metrics import evaluate
 from sae_guard.sae.sparsifiers import (
     abs_topk, afa_topk, batch_topk, batch_topk_mask, column_capacity_mask, mask_to_codes, row_topk,
 )
+from sae_guard.sae.variants.abstopk import AbsTopKSAE
 from sae_guard.sae.variants.matryoshka import inner_prefix_fvu
 from sae_guard.sae.variants.mutual_choice import aux_zipf_loss
 from sae_guard.synthetic import planted
@@ -233,6 +234,42 @@ def test_abstopk_sign_warmup_trains_as_topk_then_keeps_signs(selection):
     assert (sae.encode_sparse(x).values < 0).any()
     with pytest.raises(ValueError, match="sign_warmup"):
         SAE.create("abstopk", d_in=D_IN, d_sae=D_SAE, k=K, sign_warmup=1.5)
+
+
+def test_abstopk_folds_a_feature_split_into_two_poles_into_one_signed_latent():
+    torch.manual_seed(0)
+    sae = SAE.create("abstopk", d_in=D_IN, d_sae=D_SAE, k=1)
+    direction = F.normalize(torch.randn(D_IN), dim=0)
+    with torch.no_grad():  # what the TopK warm-up leaves for a bipolar feature: a latent per pole
+        sae.W_enc.mul_(0.01)
+        for latent, sign in ((3, 1.0), (7, -1.0)):
+            sae.W_dec[latent], sae.W_enc[latent], sae.b_enc[latent] = sign * direction, sign * direction, -0.1
+    assert sae.fold_poles() == 1
+    alignment = (sae.W_dec.detach() @ direction).abs()
+    kept = 3 if alignment[3] > 0.99 else 7
+    freed = 10 - kept
+    assert alignment[freed] < 0.9 and sae.W_dec[freed].norm().item() == pytest.approx(1.0)
+    assert sae.W_enc[freed].norm() < 0.1 * sae.W_enc[kept].norm()  # small: dead until AuxK revives it
+    assert sae.b_enc[kept].item() == pytest.approx(0.0)  # the poles' biases cancel
+    sae.eval()
+    x = torch.stack([2 * direction, -2 * direction])
+    codes = sae.encode_sparse(x)
+    assert codes.indices.flatten().tolist() == [kept, kept]
+    assert codes.values[0, 0] * codes.values[1, 0] < 0  # one latent, either sign
+    torch.testing.assert_close(sae(x), x, atol=1e-5, rtol=0)
+    assert sae.fold_poles() == 0  # nothing opposite is left
+
+
+def test_abstopk_folds_poles_once_when_its_warmup_ends(monkeypatch):
+    calls = []
+    monkeypatch.setattr(AbsTopKSAE, "fold_poles", lambda self: calls.append(self.training_progress))
+    sae = make("abstopk")
+    sae_guard.train(sae, data(), tokens=BATCH * 12, batch_size=BATCH, progress=False)
+    assert calls == [pytest.approx(4 / 12)]  # the first signed step, after the warm-up's third
+    calls.clear()
+    sae = SAE.create("abstopk", d_in=D_IN, d_sae=D_SAE, k=K, sign_warmup=0.0)  # the paper's rule throughout
+    sae_guard.train(sae, data(), tokens=BATCH * 12, batch_size=BATCH, progress=False)
+    assert calls == []
 
 
 @pytest.mark.parametrize("spec", ["abstopk", "matryoshka", "batchtopk:token"])
