@@ -5,6 +5,7 @@ capacities, and that a short run lowers the FVU)."""
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -270,6 +271,33 @@ def test_abstopk_folds_poles_once_when_its_warmup_ends(monkeypatch):
     sae = SAE.create("abstopk", d_in=D_IN, d_sae=D_SAE, k=K, sign_warmup=0.0)  # the paper's rule throughout
     sae_guard.train(sae, data(), tokens=BATCH * 12, batch_size=BATCH, progress=False)
     assert calls == []
+
+
+def test_abstopk_resumed_from_a_checkpoint_at_the_end_of_its_warmup_still_folds(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(AbsTopKSAE, "fold_poles", lambda self: calls.append(self.training_progress))
+    ds = data()
+    original = ds.batch
+
+    class Interrupt(Exception):
+        pass
+
+    def failing_batch(step):
+        if step >= 4:
+            raise Interrupt
+        return original(step)
+
+    def run():
+        return sae_guard.train(make("abstopk"), ds, tokens=BATCH * 12, batch_size=BATCH, progress=False,
+                               checkpoint_dir=tmp_path, checkpoint_every=BATCH * 4)
+
+    ds.batch = failing_batch
+    with pytest.raises(Interrupt):
+        run()  # checkpointed after step 3, the warm-up's last (steps 0-3 of 12), then interrupted
+    assert calls == [] and json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    ds.batch = original
+    run()
+    assert calls == [pytest.approx(4 / 12)]  # the resumed run's first step is the first signed one, and folds
 
 
 @pytest.mark.parametrize("spec", ["abstopk", "matryoshka", "batchtopk:token"])

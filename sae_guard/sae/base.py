@@ -46,6 +46,9 @@ class SAE(nn.Module):
     # share of the current training run done before this step, set by `sae_guard.train` (None outside it, as in a
     # hand-written loop); variants with a schedule over the run read it
     training_progress: float | None = None
+    # steps in that run (set with training_progress): tells a variant which step came before this one, which a
+    # resumed run cannot remember
+    training_steps: int | None = None
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

@@ -183,7 +183,7 @@ def train(
                 group["lr"] = base_lr * lr_factor(step, total_steps, warmup_steps, decay_start)
 
             dead = since_fired >= dead_tokens
-            sae.training_progress = step / total_steps
+            sae.training_progress, sae.training_steps = step / total_steps, total_steps
             with amp:
                 out = sae.training_forward(x, dead)
                 terms = {name: coef * fn(out) for name, (coef, fn) in sae.loss_terms().items() if coef}
@@ -245,7 +245,7 @@ def train(
         raise
     finally:
         bar.close()
-        sae.training_progress = None
+        sae.training_progress = sae.training_steps = None
     elapsed = time.perf_counter() - t0
     sae.eval()
     figures = {
