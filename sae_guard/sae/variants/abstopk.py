@@ -99,7 +99,7 @@ class AbsTopKSAE(BatchTopKSAE):
             value, index = cos.min(-1)
             opposite.append(value)
             partner.append(index)
-        opposite, partner = torch.cat(opposite), torch.cat(partner)
+        opposite, partner = torch.cat(opposite).cpu(), torch.cat(partner).cpu()  # matched one by one below
         taken = torch.zeros(self.d_sae, dtype=torch.bool)
         pairs = []
         for i in torch.argsort(opposite).tolist():
