@@ -7,7 +7,8 @@ Per concept, every method is fitted on the concept's fit split and thresholded a
 on its calibrate split (the SAE row: the shipped guard at its shipped thresholds; keyword: its fixed rule), exactly
 as in benchmarks/classifier.py. Nothing is chosen on the held-out sets (`sae_guard.prompts.heldout`, from
 `sae_guard/concept_data/heldout.toml`; `--round 2`: heldout2.toml, written later for the builds after the first
-round had been read many times); they are only scored:
+round had been read many times; `--round 3`: heldout3.toml, written before any build was scored on it, for the
+build after the two read on round 2); they are only scored:
 - heldout_tpr / nearmiss_fpr: flag rates on the held-out targets and near misses at the calibrated threshold;
 - tpr@nm5: held-out TPR at the threshold that flags at most 5% of the near misses (equal FPR for every method:
   how well a method ranks, not how well its threshold transfers);

@@ -572,7 +572,8 @@ def concept(name: str, folder: str | os.PathLike | None = None, seed: int = SEED
 HELDOUT_FILE = Path(__file__).with_name("concept_data") / "heldout.toml"
 # Each round of held-out sets was written before any result on it was read; a round that has been read for many
 # builds shapes what is tried next, so a later round is written to report the builds after it.
-HELDOUT_ROUNDS = {1: HELDOUT_FILE, 2: HELDOUT_FILE.with_name("heldout2.toml")}
+HELDOUT_ROUNDS = {1: HELDOUT_FILE, 2: HELDOUT_FILE.with_name("heldout2.toml"),
+                  3: HELDOUT_FILE.with_name("heldout3.toml")}
 
 
 @dataclass(frozen=True)
@@ -590,7 +591,7 @@ def _casings(text: str) -> list[str]:
 
 
 def heldout(name: str, folder: str | os.PathLike | None = None, round: int = 1) -> HeldOut:
-    """The held-out evaluation set of a concept (`concept_data/heldout.toml`; `round=2`: heldout2.toml), for
+    """The held-out evaluation set of a concept (`concept_data/heldout.toml`; `round=N`: heldoutN.toml), for
     reporting only.
 
     Written separately from every fitting source, with templates and words of its own, so a figure on it says how
