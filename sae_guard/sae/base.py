@@ -47,7 +47,7 @@ class SAE(nn.Module):
     # hand-written loop); variants with a schedule over the run read it
     training_progress: float | None = None
     # steps in that run (set with training_progress): tells a variant which step came before this one, which a
-    # resumed run cannot remember
+    # resumed run cannot remember (see first_step_past)
     training_steps: int | None = None
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -196,6 +196,16 @@ class SAE(nn.Module):
     def after_optimizer_step(self, step: Step) -> None:
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    def first_step_past(self, share: float) -> bool:
+        """Whether this training step is the run's first at or past `share` of it (never for share 0). Worked out
+        from the trainer's progress and step count, not remembered, so a run resumed from a checkpoint taken just
+        before that step finds it as an uninterrupted run does."""
+        progress, steps = self.training_progress, self.training_steps
+        if not self.training or progress is None or not steps or progress < share:
+            return False
+        before = (round(progress * steps) - 1) / steps  # the progress the trainer gave the step before
+        return 0 <= before < share
 
     # ------------------------------------------------------------------ shared pieces for variants
     @staticmethod

@@ -68,19 +68,10 @@ class AbsTopKSAE(BatchTopKSAE):
     def select_training(self, pre: Tensor) -> SparseCodes:
         return self.select_per_token(pre) if self.unsigned_warmup() else super().select_training(pre)
 
-    def ends_warmup(self) -> bool:
-        """Whether this is the first signed step after a warm-up. Worked out from the run's progress, not remembered, so
-        that a run resumed from a checkpoint taken at the end of the warm-up folds where an uninterrupted one does."""
-        progress, steps = self.training_progress, self.training_steps
-        if not self.training or progress is None or not steps or self.unsigned_warmup():
-            return False
-        before = (round(progress * steps) - 1) / steps  # the progress the trainer gave the step before
-        return 0 <= before < self.cfg.sign_warmup
-
     @torch.no_grad()
     def after_optimizer_step(self, step: Step) -> None:
         super().after_optimizer_step(step)
-        if self.ends_warmup():
+        if self.first_step_past(self.cfg.sign_warmup):  # the first signed step
             self.fold_poles()
 
     @torch.no_grad()
