@@ -2,6 +2,7 @@
 
     python benchmarks/zoo_defaults.py                                   # every generator, then the held-out ones
     python benchmarks/zoo_defaults.py --generators issue17 --arch topk batchtopk --json zoo.json
+    python benchmarks/zoo_defaults.py --generators small base --encoder-floor 12e6   # the FVU an encoder reaches
 
 Each variant gets d_sae=1024, k = the generator's true L0 plus its offset (within +-2; JumpReLU, and ReLU and Gated
 when named with --arch: target_l0 = k; GBA: its own default sparsity) and otherwise its defaults. Per variant and
@@ -108,6 +109,24 @@ def print_oracles(generators: list[Generator]) -> None:
         print(f"{gen.name:24} {ds.expected_l0():5.2f}  " + "   ".join(cells))
 
 
+FLOOR_ARCHS = ("topk", "batchtopk")  # a per-token and a batch-level budget
+
+
+def encoder_floor(gen: Generator, tokens: int, arch: str = "topk") -> float:
+    """FVU of an SAE that starts at the answer: one latent per planted atom, encoder and decoder rows the atoms, then
+    trained for `tokens` with the generator's k. The oracle FVU keeps the true coefficients, which no encoder reads
+    off exactly where atoms overlap; this is what an encoder with the same budget reaches from the best start."""
+    ds = gen.dataset()
+    torch.manual_seed(0)
+    sae = sae_guard.SAE.create(arch, d_in=ds.d, d_sae=ds.n_atoms, k=gen.k(ds))
+    with torch.no_grad():
+        sae.W_dec.copy_(ds.atoms)
+        sae.W_enc.copy_(ds.atoms)
+        sae.b_enc.zero_()
+    sae, _ = sae_guard.train(sae, gen.training_data(ds), tokens=tokens, batch_size=4096, progress=False)
+    return evaluate(sae.eval(), evaluation_sample(gen, ds)[0])["fvu"]
+
+
 def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict:
     """`--set FIELD=VALUE ...` as config fields, each value read as JSON; a malformed one is a usage error."""
     overrides = {}
@@ -136,12 +155,24 @@ def main() -> None:
                              'selection=\"batch\"): how the card\'s trials of other settings were run')
     parser.add_argument("--oracle-only", action="store_true",
                         help="print each generator's oracle FVU at k = true L0 -2..+2 (per token / set), then stop")
+    parser.add_argument("--encoder-floor", type=float, metavar="TOKENS",
+                        help="print each generator's oracle FVU beside the FVU of TopK and BatchTopK SAEs started at "
+                             "the planted atoms and trained this many tokens (`encoder_floor`), then stop")
     args = parser.parse_args()
     torch.set_num_threads(1)
     order = [g for g in GENERATORS + HELD_OUT if g.name in args.generators]
     overrides = parse_overrides(parser, args.overrides)
     if args.oracle_only:
         print_oracles(order)
+        return
+    if args.encoder_floor:
+        print(f"{'generator':24} {'k':>3} {'oracle':>7}  FVU from the atoms: " + ", ".join(FLOOR_ARCHS))
+        for gen in order:
+            ds = gen.dataset()
+            x, coeffs = evaluation_sample(gen, ds)
+            floors = [encoder_floor(gen, int(args.encoder_floor), arch) for arch in FLOOR_ARCHS]
+            print(f"{gen.name:24} {gen.k(ds):3d} {oracle_fvu(x, coeffs, ds.atoms, gen.k(ds)):7.4f}  "
+                  + "  ".join(f"{f:.4f}" for f in floors), flush=True)
         return
     rows = []
     print(f"{'generator':24} {'arch':15} {'k':>3} {'true':>5} {'recovered':>9} {'fvu':>7} {'oracle':>7} {'l0':>6} "
