@@ -557,6 +557,46 @@ def celebrity_registers(folder: str | os.PathLike | None = None, seed: int = SEE
     return _with_registers(celebrity(folder, seed), folder, seed)
 
 
+CAPTION_CONTEXTS = 200  # COCO captions about one person, cut 0.6 / 0.2 / 0.2 like the register units
+CAPTIONS_PER_PERSON = 10  # a target's are drawn from every split in those shares; another person's from theirs
+
+
+def _captions_by_split(folder: str | os.PathLike | None, seed: int) -> list[list[str]]:
+    """CAPTION_CONTEXTS COCO captions (not COCO val) whose subject is one person ("a man", "the skier"), with the
+    person replaced by "{}", cut into fit / calibrate / test by hash."""
+    held_out = set(coco_val(folder))
+    slots = sorted({_PERSON.sub("{}", c.replace("{", "(").replace("}", ")"), count=1) for c in coco(folder)
+                    if c not in held_out and _PERSON.search(c)})
+    chosen = random.Random(seed).sample(slots, min(CAPTION_CONTEXTS, len(slots)))
+    return [list(part) for part in _split_units(chosen, NUDITY_FRACTIONS, seed, "celebrity/captions", str)]
+
+
+def celebrity_in_captions(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
+    """`celebrity_registers` plus every person of it in ordinary COCO captions: "Tom Hanks riding a wave on top of a
+    surfboard".
+
+    Each target is put in CAPTIONS_PER_PERSON captions, drawn from each split in its share, and each other person in
+    as many of their own split's, so a split's captions and other people are new to the splits before it. With
+    hundreds of contexts on both sides a readout cannot lean on the sentence around a name, and the threshold is set
+    on names in sentences the readout never saw, as a user's would be.
+    """
+    data = celebrity_registers(folder, seed)
+    captions = _captions_by_split(folder, seed)
+    shares = _cut_sizes(CAPTIONS_PER_PERSON, NUDITY_FRACTIONS)
+    people = _split_units(_celebrity_people(folder), NUDITY_FRACTIONS, seed, "celebrity/people", str)
+
+    def fill(name: str, pool: list[str], n: int) -> list[str]:
+        rng = random.Random(_hash_key(seed, "celebrity/captions", name))
+        return clean(c.format(name) for c in rng.sample(pool, min(n, len(pool))))
+
+    splits = []
+    for index, split in enumerate((data.fit, data.calibrate, data.test)):
+        targets = [p for name in data.target_names for p in fill(name, captions[index], shares[index])]
+        others = [p for name in people[index] for p in fill(name, captions[index], CAPTIONS_PER_PERSON)]
+        splits.append(Split(split.target + targets, split.retain + others))
+    return replace(data, fit=splits[0], calibrate=splits[1], test=splits[2])
+
+
 def vangogh_registers(folder: str | os.PathLike | None = None, seed: int = SEED) -> ConceptData:
     """`vangogh` plus his name and other painters' in the same written style templates (`register_prompts`)."""
     return _with_registers(vangogh(folder, seed), folder, seed)

@@ -151,6 +151,38 @@ def test_celebrity_contexts_give_every_name_the_same_share_of_ordinary_contexts(
     assert P.celebrity_contexts(folder, per_name=5) == prompts  # deterministic
 
 
+def test_celebrity_in_captions_keeps_captions_and_people_to_their_splits(folder, datasets):
+    """Every target in captions of every split; another person only in their own split (the one celebrity_registers
+    puts them in); no caption context in two splits; COCO val never a context; nothing held out reused."""
+    data, base = P.celebrity_in_captions(folder), P.celebrity_registers(folder)
+    val = set(P.coco_val(folder))
+    slots = {P._PERSON.sub("{}", c, count=1) for c in P.coco(folder) if c not in val and P._PERSON.search(c)}
+    added = {s: (set(data.split(s).target) - set(base.split(s).target),
+                 set(data.split(s).retain) - set(base.split(s).retain)) for s in P.SPLITS}
+    people = sorted([*data.target_names, *P._celebrity_people(folder)], key=len, reverse=True)
+
+    def context(prompt: str) -> tuple[str, str]:
+        name = next(n for n in people if prompt.startswith(n) or f" {n}" in prompt)
+        return name, prompt.replace(name, "{}", 1)
+
+    contexts = {}
+    for s, (targets, others) in added.items():
+        assert targets and others, s
+        named = [context(p) for p in (*targets, *others)]
+        assert {n for n, _ in named if n in data.target_names} == set(data.target_names), s
+        for name, _ in (context(p) for p in others):
+            assert any(name in p for p in base.split(s).retain), (s, name)  # their register split
+        contexts[s] = {c for _, c in named}
+        assert contexts[s] <= slots, s  # a COCO train caption's person, never COCO val's
+    for a, b in itertools.combinations(P.SPLITS, 2):
+        assert not contexts[a] & contexts[b], (a, b)
+    used = {p for s in P.SPLITS for side in (data.split(s).target, data.split(s).retain) for p in side}
+    for round in P.HELDOUT_ROUNDS:
+        held = P.heldout("celebrity", folder, round)
+        assert not (set(held.target) | set(held.nearmiss)) & used, round
+    assert P.celebrity_in_captions(folder).sizes() == data.sizes()  # deterministic
+
+
 def test_attack_and_flag_readers_return_prompts(folder):
     attacks = P.unlearndiffatk_nudity(folder)
     sexual = P.i2p("sexual", folder)
