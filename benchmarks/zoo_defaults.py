@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=float, default=None, help="override every variant's budget (3M; 6M for jumprelu, gba)")
     parser.add_argument("--d-sae", type=int, default=1024)
     parser.add_argument("--probe-every", type=float, default=2.5e5, help="tokens between recovery checks")
+    parser.add_argument("--seed", type=int, default=0, help="the SAE's initialisation and the data stream's order")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", dest="overrides",
                         help="config fields to change from the defaults, values as JSON (e.g. topk_warmup=1.0 "
@@ -181,7 +182,7 @@ def main() -> None:
         held = " (held out)" if gen in HELD_OUT else ""
         for arch in args.arch:
             tokens = int(args.tokens or BUDGET.get(arch, DEFAULT_BUDGET))
-            row = run(arch, gen, tokens, args.d_sae, int(args.probe_every), overrides=overrides)
+            row = run(arch, gen, tokens, args.d_sae, int(args.probe_every), seed=args.seed, overrides=overrides)
             row["held_out"], row["overrides"] = bool(held), overrides
             rows.append(row)
             reached = f"{row['tokens_to_0.9'] / 1e6:.2f}M" if row["tokens_to_0.9"] else "-"

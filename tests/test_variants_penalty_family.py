@@ -138,6 +138,29 @@ def test_jumprelu_training_step_has_the_gradients_of_the_dense_straight_through_
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_jumprelu_sampled_window_averages_to_the_whole_batch_over_its_offsets():
+    """With window_tokens a quarter of the batch, θ's gradient from the silent window comes from every fourth token,
+    scaled by 4, from an offset that turns each step: over four steps on one batch the gradients average to the
+    gradient of the whole window, and each one differs from it."""
+    def threshold_grads(window_tokens):
+        sae = make("jumprelu", auxk_coef=0.0, bandwidth=0.5, window_tokens=window_tokens)
+        x = data().batch(1)
+        sae.init_from_data(data().batch(0))
+        sae.train()
+        grads = []
+        for _ in range(4 if window_tokens else 1):
+            sae.zero_grad()
+            step = sae.training_forward(x, torch.zeros(D_SAE, dtype=torch.bool))
+            (fvu_of(x, step.x_hat) + (step.extras["l0"].mean() / 3 - 1) ** 2).backward()
+            grads.append(sae.threshold.grad.clone())
+        return grads
+
+    whole, = threshold_grads(None)
+    sampled = threshold_grads(BATCH // 4)
+    torch.testing.assert_close(torch.stack(sampled).mean(0), whole, rtol=1e-4, atol=1e-6)
+    assert all(not torch.allclose(g, whole, rtol=1e-2, atol=1e-4) for g in sampled)
+
+
 def test_jumprelu_threshold_update_is_multiplicative_and_stays_positive():
     sae = make("jumprelu")
     step = first_step(sae)

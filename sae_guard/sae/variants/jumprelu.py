@@ -21,15 +21,18 @@ Choices the paper leaves open, and why:
   parameter `threshold` always holds θ itself, which is what is saved and what SAELens's files hold.
 - Dead latents: AuxK as TopK's, and a dead latent's θ drops to fire on its best token of the batch, since θ above
   every pre-activation gets no gradient from the kernel (`_revive`).
+- θ's gradient from the latents within ε/2 below it, which write nothing, needs g . W_dec[j] for each of them, a
+  product as large as the encoder's at the default ε. It is read on `window_tokens` tokens of each batch (every s-th,
+  from an offset that turns each step) and scaled up: an unbiased estimate, a quarter of the work at batch 4,096.
 
 Budget: 6M tokens, twice TopK's 3M: on six of the benchmark's seven training generators it passes 0.9 recovery
-at 1.75-3.5M tokens, and on held-out wide_replayed_coherent at 3.5M (`small`'s FVU, 0.151, misses the target by a
+at 1.75-3.75M tokens, and on held-out wide_replayed_coherent at 3.5M (`small`'s FVU, 0.152, misses the target by a
 hair, as every variant's does there). It does not hold on every data. Held-out issue17 (a replayed set, Zipf 0.9,
-k 8 for ~6 active) needs 12M: 0.748 in 6M, 0.9 at 12.0M, 0.961 in 18M. wide_magnitudes (log-normal sigma 1.0)
-has no known budget: 0.471 in 6M, 0.609 in 18M. TopK recovers 0.998-1.000 on both in 3M, so prefer TopK or
-BatchTopK where the number of tokens is fixed. The wide kernel's window makes a step about 2.2x TopK's (384 ->
-12,288, batch 4,096: 1.36 s against 0.61-0.66 s; at the paper's ε 0.92 s; model_cards/sae-zoo.md, "JumpReLU's
-window in blocks").
+k 8 for ~6 active) needs 12M: 0.781 in 6M, 0.9 at 12.0M and 0.961 in 18M with the whole window. wide_magnitudes
+(log-normal sigma 1.0) has no known budget: 0.461 in 6M, 0.609 in 18M. TopK recovers 0.998-1.000 on both in 3M,
+so prefer TopK or BatchTopK where the number of tokens is fixed. Even sampled, the wide kernel's window makes a step
+1.3-1.6x TopK's (384 -> 12,288, batch 4,096: 1.06-1.12 s against 0.70-0.80 s; 1.50-1.59 s with the whole window;
+model_cards/sae-zoo.md, "JumpReLU's window on a sample of the batch").
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class JumpReLUConfig(SAEConfig):
     l0_coef: float = 1e-3  # training: the paper's lambda, used when target_l0 is None
     init_l0: float = 32.0  # training: expected L0 at initialisation when target_l0 is None
     bandwidth: float = 0.2  # training: STE kernel width epsilon, relative to the batch RMS deviation
+    window_tokens: int | None = 1024  # training: tokens per batch sampled for θ's gradient from silent latents
     threshold_lr_mult: float = 20.0  # training: learning rate of log(threshold) relative to the weights
     k_aux: int | None = None  # training: AuxK latents for dead latents; None -> d_in // 2
     auxk_coef: float = 1 / 32  # training
@@ -67,6 +71,8 @@ class JumpReLUConfig(SAEConfig):
             raise ValueError(f"target_l0 must be in (0, d_sae={self.d_sae}), got {self.target_l0}")
         if not 0 < self.init_l0 < self.d_sae:
             raise ValueError(f"init_l0 must be in (0, d_sae={self.d_sae}), got {self.init_l0}")
+        if self.window_tokens is not None and self.window_tokens < 1:
+            raise ValueError(f"window_tokens must be >= 1 or None, got {self.window_tokens}")
         for name in ("target_coef", "l0_coef", "auxk_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -99,17 +105,21 @@ class _Window(torch.autograd.Function):
     part above θ by dL0 alone; the L0 itself is counted from the sparse codes. The masks are built WINDOW_ROWS
     tokens at a time into buffers reused across blocks, so they stay in cache instead of making three
     (B, d_sae) passes through memory. At the paper's ε the window is nearly empty, and on CPU a block under
-    SPARSE_WINDOW is gathered entry by entry instead of multiplied."""
+    SPARSE_WINDOW is gathered entry by entry instead of multiplied. Only the tokens `rows` selects are read, their
+    sums scaled up to the batch (`JumpReLUSAE._window_rows`)."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor, W_dec: Tensor, counts: Tensor
-                ) -> tuple[Tensor, Tensor]:
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: Tensor, W_dec: Tensor, counts: Tensor,
+                rows: slice) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(pre, threshold, bandwidth, W_dec)
+        ctx.rows = rows
         return pre.new_zeros(pre.shape[0], W_dec.shape[1]), counts.to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad_x_hat: Tensor, grad_l0: Tensor):
         pre, threshold, bandwidth, W_dec = ctx.saved_tensors
+        scale = pre.shape[0] / len(range(pre.shape[0])[ctx.rows])  # the sampled tokens stand for the batch
+        pre, grad_x_hat, grad_l0 = pre[ctx.rows], grad_x_hat[ctx.rows], grad_l0[ctx.rows]
         half = bandwidth / 2
         low, high = threshold - half, threshold + half
         outer = torch.cat([grad_x_hat, grad_l0[:, None]], dim=1)
@@ -133,7 +143,7 @@ class _Window(torch.autograd.Function):
             through_l0.addmv_(f.sub_(t).T, grad_l0[start:start + n])
         through_decoder = (W_dec * stacked[:, :-1]).sum(1)  # sum over tokens below θ of g . W_dec[j]
         through_l0 += stacked[:, -1]
-        return None, -(threshold * through_decoder + through_l0) / bandwidth, None, None, None
+        return None, -(threshold * through_decoder + through_l0) * (scale / bandwidth), None, None, None, None
 
 
 def l0_target(step: Step) -> Tensor:
@@ -150,6 +160,7 @@ class JumpReLUSAE(SAE):
         super().__init__(cfg)
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), 1e-3))
         self._threshold_before_step: Tensor | None = None
+        self._window_offset = 0
 
     @property
     def k_aux(self) -> int:
@@ -186,11 +197,19 @@ class JumpReLUSAE(SAE):
         kept = chosen.values != 0  # θ > 0, so a firing entry is never 0; padding entries are
         values = self.gather_preacts(x, pre, chosen.indices)
         codes = SparseCodes(_JumpReLU.apply(values, self.threshold[chosen.indices], bandwidth) * kept, chosen.indices)
-        silent, l0 = _Window.apply(pre, self.threshold, bandwidth, self.W_dec.detach(), kept.sum(-1))
+        silent, l0 = _Window.apply(pre, self.threshold, bandwidth, self.W_dec.detach(), kept.sum(-1),
+                                   self._window_rows(x.shape[0]))
         step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec + silent, codes, pre, dead_mask)
         step.extras["l0"] = l0
         self.add_auxk(step, self.k_aux)
         return step
+
+    def _window_rows(self, tokens: int) -> slice:
+        """Every s-th token, s = tokens / window_tokens rounded up, from an offset that turns with each step, so
+        that over s steps every position of a batch is sampled (activation batches can be laid out by position)."""
+        stride = -(-tokens // (self.cfg.window_tokens or tokens))
+        self._window_offset = (self._window_offset + 1) % stride
+        return slice(self._window_offset, None, stride)
 
     def loss_terms(self):
         if self.cfg.target_l0 is not None:
