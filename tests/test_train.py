@@ -37,8 +37,10 @@ def test_tensor_and_iterable_data_both_train():
         assert figures["fvu"] < 1.0
 
 
-# batchtopk: its warm-up ends at step 13 of the 40; relu with a target L0: its steered L1 weight resumes too
-@pytest.mark.parametrize("arch, options", [("topk", {"k": 3}), ("batchtopk", {"k": 3}), ("relu", {"target_l0": 3})])
+# batchtopk: its warm-up ends at step 13 of the 40; relu with a target L0: its steered L1 weight resumes too;
+# jumprelu reading its window on every third token: the resumed run samples the rows the uninterrupted one did
+@pytest.mark.parametrize("arch, options", [("topk", {"k": 3}), ("batchtopk", {"k": 3}), ("relu", {"target_l0": 3}),
+                                           ("jumprelu", {"target_l0": 3, "window_tokens": 96})])
 def test_resume_finishes_with_the_same_weights(tmp_path, arch, options):
     ds = small_data()
 

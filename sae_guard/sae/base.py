@@ -197,14 +197,21 @@ class SAE(nn.Module):
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
+    @property
+    def training_step(self) -> int | None:
+        """The index of this step in the trainer's run (None outside `sae_guard.train`), worked out from its progress
+        and step count rather than counted, so a run resumed from a checkpoint knows it as an uninterrupted run does."""
+        if self.training_progress is None or not self.training_steps:
+            return None
+        return round(self.training_progress * self.training_steps)
+
     def first_step_past(self, share: float) -> bool:
-        """Whether this training step is the run's first at or past `share` of it (never for share 0). Worked out
-        from the trainer's progress and step count, not remembered, so a run resumed from a checkpoint taken just
-        before that step finds it as an uninterrupted run does."""
-        progress, steps = self.training_progress, self.training_steps
-        if not self.training or progress is None or not steps or progress < share:
+        """Whether this training step is the run's first at or past `share` of it (never for share 0); see
+        `training_step`."""
+        step = self.training_step
+        if not self.training or step is None or self.training_progress < share:
             return False
-        before = (round(progress * steps) - 1) / steps  # the progress the trainer gave the step before
+        before = (step - 1) / self.training_steps  # the progress the trainer gave the step before
         return 0 <= before < share
 
     # ------------------------------------------------------------------ shared pieces for variants

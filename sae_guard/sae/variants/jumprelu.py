@@ -160,7 +160,7 @@ class JumpReLUSAE(SAE):
         super().__init__(cfg)
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), 1e-3))
         self._threshold_before_step: Tensor | None = None
-        self._window_offset = 0
+        self._window_calls = 0  # training forwards outside `sae_guard.train`, for `_window_rows`
 
     @property
     def k_aux(self) -> int:
@@ -206,10 +206,14 @@ class JumpReLUSAE(SAE):
 
     def _window_rows(self, tokens: int) -> slice:
         """Every s-th token, s = tokens / window_tokens rounded up, from an offset that turns with each step, so
-        that over s steps every position of a batch is sampled (activation batches can be laid out by position)."""
+        that over s steps every position of a batch is sampled (activation batches can be laid out by position).
+        The step is the trainer's (`training_step`, so a resumed run samples the rows an uninterrupted one does);
+        a hand-written loop's calls are counted instead."""
         stride = -(-tokens // (self.cfg.window_tokens or tokens))
-        self._window_offset = (self._window_offset + 1) % stride
-        return slice(self._window_offset, None, stride)
+        step = self.training_step
+        if step is None:
+            step, self._window_calls = self._window_calls, self._window_calls + 1
+        return slice((step + 1) % stride, None, stride)
 
     def loss_terms(self):
         if self.cfg.target_l0 is not None:
