@@ -192,6 +192,12 @@ _PERSON = re.compile(r"\b(a|the|one) (man|woman|person|boy|girl|guy|lady|player|
                      re.IGNORECASE)
 
 
+def _person_captions(folder: str | os.PathLike | None = None) -> list[str]:
+    """COCO captions, COCO val left out, whose subject is one person (`_PERSON`): where a name can stand in."""
+    held_out = set(coco_val(folder))
+    return [c for c in coco(folder) if c not in held_out and _PERSON.search(c)]
+
+
 def celebrity_contexts(folder: str | os.PathLike | None = None, per_name: int = 80, seed: int = SEED) -> list[str]:
     """Every celebrity of the celebrity concept (its 50 targets and 100 others) in `per_name` ordinary contexts.
 
@@ -202,8 +208,7 @@ def celebrity_contexts(folder: str | os.PathLike | None = None, per_name: int = 
     template-held-out splits are untouched, and COCO val captions are never used as contexts.
     """
     names = sorted({*_named_prompts("celebrity_target.csv", folder), *_named_prompts("celebrity_remain.csv", folder)})
-    held_out = set(coco_val(folder))
-    contexts = [c for c in coco(folder) if c not in held_out and _PERSON.search(c)]
+    contexts = _person_captions(folder)
     rng = random.Random(seed)
     return [_PERSON.sub(name, context, count=1) for name in names for context in rng.sample(contexts, per_name)]
 
@@ -564,9 +569,8 @@ CAPTIONS_PER_PERSON = 10  # a target's are drawn from every split in those share
 def _captions_by_split(folder: str | os.PathLike | None, seed: int) -> list[list[str]]:
     """CAPTION_CONTEXTS COCO captions (not COCO val) whose subject is one person ("a man", "the skier"), with the
     person replaced by "{}", cut into fit / calibrate / test by hash."""
-    held_out = set(coco_val(folder))
-    slots = sorted({_PERSON.sub("{}", c.replace("{", "(").replace("}", ")"), count=1) for c in coco(folder)
-                    if c not in held_out and _PERSON.search(c)})
+    escaped = (c.replace("{", "(").replace("}", ")") for c in _person_captions(folder))  # "{}" marks the person
+    slots = sorted({_PERSON.sub("{}", c, count=1) for c in escaped})
     chosen = random.Random(seed).sample(slots, min(CAPTION_CONTEXTS, len(slots)))
     return [list(part) for part in _split_units(chosen, NUDITY_FRACTIONS, seed, "celebrity/captions", str)]
 
