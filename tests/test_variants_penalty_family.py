@@ -360,6 +360,7 @@ def test_steered_l1_weight_is_saved_and_loaded(tmp_path):
         ("relu", {"target_l0": 3, "l1_coef": 0}, "l1_coef"),
         ("jumprelu", {"bandwidth": 0}, "bandwidth"),
         ("jumprelu", {"window_tokens": 0}, "window_tokens"),
+        ("jumprelu", {"window_tokens": 512.5}, "window_tokens"),
         ("gba", {"lowest_freq": 0.5, "highest_freq": 0.1}, "lowest_freq"),
         ("gba", {"activation": "gelu"}, "activation"),
         ("archetypal", {"n_candidates": 8}, "n_candidates"),

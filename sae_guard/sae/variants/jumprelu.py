@@ -71,8 +71,8 @@ class JumpReLUConfig(SAEConfig):
             raise ValueError(f"target_l0 must be in (0, d_sae={self.d_sae}), got {self.target_l0}")
         if not 0 < self.init_l0 < self.d_sae:
             raise ValueError(f"init_l0 must be in (0, d_sae={self.d_sae}), got {self.init_l0}")
-        if self.window_tokens is not None and self.window_tokens < 1:
-            raise ValueError(f"window_tokens must be >= 1 or None, got {self.window_tokens}")
+        if self.window_tokens is not None and (not isinstance(self.window_tokens, int) or self.window_tokens < 1):
+            raise ValueError(f"window_tokens must be an integer >= 1 or None, got {self.window_tokens!r}")
         for name in ("target_coef", "l0_coef", "auxk_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
