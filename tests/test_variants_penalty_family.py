@@ -226,7 +226,23 @@ def test_gba_biases_get_no_gradient():
     sum(coef * fn(step) for coef, fn in sae.loss_terms().values()).backward()
     assert not sae.b_enc.requires_grad and sae.b_enc.grad is None
     assert sae.W_enc.grad is not None
-    assert set(sae.loss_terms()) == {"fvu"}  # reconstruction only: no sparsity penalty
+    assert set(sae.loss_terms()) == {"fvu", "auxk"}  # reconstruction (and AuxK's): no sparsity penalty
+
+
+def test_gba_auxk_trains_a_dead_latent_below_its_bias():
+    sae = make("gba")
+    ds = data()
+    sae.init_from_data(ds.batch(0))
+    sae.train()
+    with torch.no_grad():
+        sae.b_enc[:2] = -1e6  # below every pre-activation: ReLU(W_enc (x - b_dec) + b) is zero on every token
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:2] = True
+    step = sae.training_forward(ds.batch(1), dead)
+    assert not (step.pre_acts[:, :2] > 0).any()
+    (sae.cfg.auxk_coef * sae.loss_terms()["auxk"][1](step)).backward()
+    assert (sae.W_enc.grad[:2].norm(dim=-1) > 0).all()  # fitted to the residual on W_enc (x - b_dec) alone
+    assert (sae.W_enc.grad[2:] == 0).all()  # AuxK touches the dead latents only
 
 
 def test_gba_rule_moves_each_bias_toward_its_target():

@@ -234,26 +234,36 @@ class SAE(nn.Module):
         """Pre-activations of a (B, d_in) training batch, without gradient (pair with `selected`)."""
         return encoder_preacts(x.detach() - self.b_dec.detach(), self.W_enc.detach(), self.b_enc.detach())
 
-    def gather_preacts(self, x: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
-        """Pre-activations at `indices` with a sparse backward (see `kernels.gather_linear`)."""
-        return gather_linear(x, self.b_dec, self.W_enc, self.b_enc, indices, pre)
+    def gather_preacts(self, x: Tensor, pre: Tensor, indices: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Pre-activations at `indices` with a sparse backward (see `kernels.gather_linear`); `bias` replaces b_enc."""
+        return gather_linear(x, self.b_dec, self.W_enc, self.b_enc if bias is None else bias, indices, pre)
 
-    def add_auxk(self, step: Step, k_aux: int) -> None:
+    @property
+    def k_aux(self) -> int:
+        """How many dead latents AuxK fits per token: the config's `k_aux`, else d_in // 2 (sparsify's choice)."""
+        return getattr(self.cfg, "k_aux", None) or max(1, self.d_in // 2)
+
+    def add_auxk(self, step: Step, k_aux: int, without_bias: bool = False) -> None:
         """Put the AuxK reconstruction (top-k_aux dead latents decoded) into `step.extras`.
 
         Dead latents are ranked by their positive pre-activations and ReLU'd, for signed SAEs (AbsTopK) too: a latent
         revives by learning to fire on the tokens a missing feature is in. Ranked by |pre| and kept signed, each one
         is fitted as a linear regressor of the residual over tokens of both signs, its pulls cancel and its encoder
         shrinks (AbsTopK, planted steep_zipf: 61% of latents dead, 0.725 of atoms recovered; ReLU'd: 6%, 0.857).
+        `without_bias` ranks and fits them on W_enc (x - b_dec) alone, for SAEs whose b_enc is a firing threshold
+        with no gradient (GBA): a dead latent sits below it, and ReLU(pre) would be zero on every token.
         """
         dead_idx = step.dead_latents()
         if dead_idx is None:
             return
+        pre, bias = step.pre_acts, None
+        if without_bias:
+            pre, bias = pre - self.b_enc.detach(), torch.zeros_like(self.b_enc)
         k = min(k_aux, dead_idx.numel())
-        scores = step.pre_acts.index_select(-1, dead_idx)
+        scores = pre.index_select(-1, dead_idx)
         _, local = scores.topk(k, dim=-1, sorted=False)
         indices = dead_idx[local]
-        values = F.relu(self.gather_preacts(step.x, step.pre_acts, indices))
+        values = F.relu(self.gather_preacts(step.x, pre, indices, bias))
         step.extras["auxk_recon"] = sparse_decode(SparseCodes(values, indices), self.W_dec)
         step.extras["auxk_scale"] = step.x.new_tensor(min(dead_idx.numel() / k_aux, 1.0))
 

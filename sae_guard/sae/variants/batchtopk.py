@@ -95,10 +95,6 @@ class BatchTopKSAE(SAE):
     def threshold_shape(self) -> tuple[int, ...]:
         return (1,)
 
-    @property
-    def k_aux(self) -> int:
-        return self.cfg.k_aux or max(1, self.d_in // 2)
-
     def keeps_signs(self) -> bool:
         """Whether codes keep their signs now: the class's `signed`, unless a subclass trains unsigned for a while."""
         return self.signed

@@ -50,7 +50,7 @@ from torch import Tensor
 from ..base import SAE
 from ..codes import SparseCodes, dense_to_sparse
 from ..config import SAEConfig
-from ..losses import Step, fvu
+from ..losses import Step, auxk, fvu
 from ..registry import register
 from ..sparsifiers import mask_to_codes
 
@@ -65,6 +65,8 @@ class GBAConfig(SAEConfig):
     adapt_rate: float = 0.01  # training: gamma, the bias step as a fraction of the latent's max pre-activation
     adapt_tokens: int = 16384  # training: tokens of statistics behind each bias update
     activation: str = "jumprelu"
+    k_aux: int | None = None  # training: AuxK latents for dead latents; None -> d_in // 2
+    auxk_coef: float = 1 / 32  # training
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,10 +134,12 @@ class GBASAE(SAE):
         fired = pre.detach() > 0
         dense = self.codes_from_pre(pre) * fired
         x_hat = dense @ self.W_dec + self.b_dec
-        return Step(self, x, x_hat, mask_to_codes(dense.detach(), fired), pre.detach(), dead_mask)
+        step = Step(self, x, x_hat, mask_to_codes(dense.detach(), fired), pre.detach(), dead_mask)
+        self.add_auxk(step, self.k_aux, without_bias=True)
+        return step
 
     def loss_terms(self):
-        return {"fvu": (1.0, fvu)}
+        return {"fvu": (1.0, fvu), "auxk": (self.cfg.auxk_coef, auxk)}
 
     @torch.no_grad()
     def after_optimizer_step(self, step: Step) -> None:

@@ -162,10 +162,6 @@ class JumpReLUSAE(SAE):
         self._threshold_before_step: Tensor | None = None
         self._window_calls = 0  # training forwards outside `sae_guard.train`, for `_window_rows`
 
-    @property
-    def k_aux(self) -> int:
-        return self.cfg.k_aux or max(1, self.d_in // 2)
-
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
         """b_dec as usual; then each θ at the quantile of its pre-activations that fires init_l0 per token."""

@@ -58,10 +58,6 @@ class TopAFASAE(SAE):
     config_class = TopAFAConfig
     cfg: TopAFAConfig
 
-    @property
-    def k_aux(self) -> int:
-        return self.cfg.k_aux or max(1, self.d_in // 2)
-
     @torch.no_grad()
     def select(self, x: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
         """Indices and keep-mask of the AFA prefix of each token."""

@@ -41,10 +41,6 @@ class TopKSAE(SAE):
     config_class = TopKConfig
     cfg: TopKConfig
 
-    @property
-    def k_aux(self) -> int:
-        return self.cfg.k_aux or max(1, self.d_in // 2)
-
     # encode in latent chunks when tokens x d_sae would exceed this many pre-activations (64 MiB fp32)
     chunk_elements: int = 1 << 24
 
