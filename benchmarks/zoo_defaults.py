@@ -11,7 +11,8 @@ mode on 32,768 fresh samples,
 the oracle FVU (the planted atoms' own FVU under the same budget: each sample's k largest coefficients, or the
 set's k * n largest for variants whose L0 varies per token; the floor where k is below the true L0), and
 tokens-to-0.9-recovery (recovery checked every `--probe-every` tokens during training; "-" when never
-reached); on hierarchical data also parents and children recovered apart (`synthetic.hierarchy_recovery`).
+reached); recovery within bands of the atoms' firing rates (`recovery_by_rate`: rare atoms missed, or common ones);
+on hierarchical data also parents and children recovered apart (`synthetic.hierarchy_recovery`).
 The generators are `sae_guard.synthetic.GENERATORS`; the held-out settings (`HELD_OUT`, never used to choose
 defaults) come last. Single-threaded (torch.set_num_threads(1)), as the shared CPU needs.
 """
@@ -26,7 +27,8 @@ import torch
 
 import sae_guard
 from sae_guard.sae.metrics import evaluate
-from sae_guard.synthetic import GENERATORS, HELD_OUT, Generator, hierarchy_recovery, oracle_fvu, recovery
+from sae_guard.synthetic import (GENERATORS, HELD_OUT, Generator, best_cosines, hierarchy_recovery, oracle_fvu,
+                                 recovery)
 from sae_guard.train.data import make_stream
 
 VARIANTS = ["topk", "batchtopk", "abstopk", "matryoshka", "mutual_choice", "feature_choice", "jumprelu", "gba"]
@@ -91,10 +93,27 @@ def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, s
            "dead_fraction": figures["dead_fraction"],
            "tokens_to_0.9": probe.reached if probe.reached is not None else (tokens if rec >= 0.9 else None),
            "seconds": round(seconds, 1)}
+    row["recovered_by_rate"] = recovery_by_rate(sae.W_dec.detach(), ds.atoms, coeffs, sae.signed)
     if ds.parents is not None:
         row.update(hierarchy_recovery(sae.W_dec.detach(), ds, signed=sae.signed))
     row["met"] = rec >= 0.9 and figures["fvu"] < 0.15 and (target_l0 is None or figures["l0"] <= 1.5 * target_l0)
     return row
+
+
+RATE_BANDS = (0.0, 0.003, 0.006, 0.012, 0.025, 1.0)  # atom firing rates, for recovery per band
+
+
+def recovery_by_rate(W_dec: torch.Tensor, atoms: torch.Tensor, coeffs: torch.Tensor, signed: bool) -> dict[str, list]:
+    """Recovery within bands of the atoms' firing rates on the evaluation sample: which atoms a variant misses,
+    the rare ones or the common ones."""
+    rate = (coeffs != 0).float().mean(0)
+    found = best_cosines(W_dec, atoms, signed) >= 0.9
+    bands = {}
+    for lo, hi in zip(RATE_BANDS, RATE_BANDS[1:]):
+        inside = (rate >= lo) & (rate < hi)
+        if inside.any():
+            bands[f"{lo}-{hi}"] = [int(inside.sum()), round(found[inside].float().mean().item(), 3)]
+    return bands
 
 
 def print_oracles(generators: list[Generator]) -> None:
@@ -189,6 +208,8 @@ def main() -> None:
             print(f"{gen.name + held:24} {arch:15} {row['k']:3d} {row['true_l0']:5.2f} {row['recovered']:9.3f} "
                   f"{row['fvu']:7.4f} {row['oracle_fvu']:7.4f} {row['l0']:6.2f} {reached:>9} {row['seconds']:6.1f}  "
                   f"{'met' if row['met'] else 'MISSED'}", flush=True)
+            print(f"{'':24} recovered by atom firing rate: " + ", ".join(
+                f"{band} ({n} atoms) {share:.3f}" for band, (n, share) in row["recovered_by_rate"].items()))
             if "parents_recovered" in row:
                 print(f"{'':24} parents recovered {row['parents_recovered']:.3f}, children "
                       f"{row['children_recovered']:.3f}; parents' best rows: median cosine {row['parent_cosine']:.3f} "
