@@ -243,8 +243,8 @@ class SAE(nn.Module):
         """How many dead latents AuxK fits per token: the config's `k_aux`, else d_in // 2 (sparsify's choice)."""
         return getattr(self.cfg, "k_aux", None) or max(1, self.d_in // 2)
 
-    def add_auxk(self, step: Step, k_aux: int, without_bias: bool = False) -> None:
-        """Put the AuxK reconstruction (top-k_aux dead latents decoded) into `step.extras`.
+    def add_auxk(self, step: Step, without_bias: bool = False) -> None:
+        """Put the AuxK reconstruction (the top `k_aux` dead latents decoded) into `step.extras`.
 
         Dead latents are ranked by their positive pre-activations and ReLU'd, for signed SAEs (AbsTopK) too: a latent
         revives by learning to fire on the tokens a missing feature is in. Ranked by |pre| and kept signed, each one
@@ -259,13 +259,13 @@ class SAE(nn.Module):
         pre, bias = step.pre_acts, None
         if without_bias:
             pre, bias = pre - self.b_enc.detach(), torch.zeros_like(self.b_enc)
-        k = min(k_aux, dead_idx.numel())
+        k = min(self.k_aux, dead_idx.numel())
         scores = pre.index_select(-1, dead_idx)
         _, local = scores.topk(k, dim=-1, sorted=False)
         indices = dead_idx[local]
         values = F.relu(self.gather_preacts(step.x, pre, indices, bias))
         step.extras["auxk_recon"] = sparse_decode(SparseCodes(values, indices), self.W_dec)
-        step.extras["auxk_scale"] = step.x.new_tensor(min(dead_idx.numel() / k_aux, 1.0))
+        step.extras["auxk_scale"] = step.x.new_tensor(min(dead_idx.numel() / self.k_aux, 1.0))
 
     def extra_repr(self) -> str:
         return f"architecture={self.architecture!r}, d_in={self.d_in}, d_sae={self.d_sae}"

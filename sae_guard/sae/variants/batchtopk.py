@@ -141,7 +141,7 @@ class BatchTopKSAE(SAE):
         values = self.activate(self.gather_preacts(x, pre, chosen.indices)) * kept
         codes = SparseCodes(values, chosen.indices)
         step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec, codes, pre, dead_mask)
-        self.add_auxk(step, self.k_aux)
+        self.add_auxk(step)
         return step
 
     def loss_terms(self):

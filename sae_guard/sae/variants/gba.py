@@ -32,17 +32,17 @@ Choices the paper leaves open, and why:
   raises a silent latent's bias no higher than 0, so a latent whose encoder has turned from the data stays
   silent. On `benchmarks/zoo_defaults.py`'s base generator (d_sae 1024, 6M tokens) the paper's rule alone
   (`auxk_coef=0`) recovered 0.650 of the atoms (FVU 0.175, L0 10.0); with AuxK 0.918 (FVU 0.161, L0 7.81), the
-  rare atoms gaining most (those firing at 0.003-0.006: 0.336 -> 0.855). Ranked and fitted on u + b, a dead latent's ReLU is zero on every token and AuxK would
-  give it no gradient.
+  rare atoms gaining most (those firing at 0.003-0.006: 0.336 -> 0.855). Ranked and fitted on u + b, a dead
+  latent's ReLU is zero on every token and AuxK would give it no gradient.
 
 Budget: the choices above before AuxK are from `benchmarks/sae_quality.py`'s planted data, measured before the
 planted atoms' seed was salted (the SAE's initial decoder rows were then the atoms themselves), so they measured a
 start at the answer. On the zoo's generators, 6M tokens, it misses FVU < 0.15 on base (0.161) and recovery on
 most others (model_cards/sae-zoo.md has the table); on wide_magnitudes (log-normal magnitudes, sigma 1) it
 collapses, with or without AuxK. Its latents do not compete for a token as TopK's do: each fires on its own top
-share of tokens, which large instances of other atoms can fill there (the likely reason, not a measured one). A wider dictionary does not help (at
-d_sae 2048, before AuxK, 0.236 recovered with L0 26), since each latent keeps its group's target and their sum,
-which bounds L0, grows with the width.
+share of tokens, which large instances of other atoms can fill there (the likely reason, not a measured one). A
+wider dictionary does not help (at d_sae 2048, before AuxK, 0.236 recovered with L0 26), since each latent keeps its
+group's target and their sum, which bounds L0, grows with the width.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class GBASAE(SAE):
         dense = self.codes_from_pre(pre) * fired
         x_hat = dense @ self.W_dec + self.b_dec
         step = Step(self, x, x_hat, mask_to_codes(dense.detach(), fired), pre.detach(), dead_mask)
-        self.add_auxk(step, self.k_aux, without_bias=True)
+        self.add_auxk(step, without_bias=True)
         return step
 
     def loss_terms(self):

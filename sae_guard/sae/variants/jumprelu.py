@@ -197,7 +197,7 @@ class JumpReLUSAE(SAE):
                                    self._window_rows(x.shape[0]))
         step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec + silent, codes, pre, dead_mask)
         step.extras["l0"] = l0
-        self.add_auxk(step, self.k_aux)
+        self.add_auxk(step)
         return step
 
     def _window_rows(self, tokens: int) -> slice:

@@ -75,7 +75,7 @@ class TopAFASAE(SAE):
         indices, keep = self.select(x, pre)
         codes = SparseCodes(F.relu(self.gather_preacts(x, pre, indices)) * keep, indices)
         step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec, codes, pre, dead_mask)
-        self.add_auxk(step, self.k_aux)
+        self.add_auxk(step)
         return step
 
     def loss_terms(self):

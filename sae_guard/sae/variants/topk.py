@@ -94,7 +94,7 @@ class TopKSAE(SAE):
         indices = self.select(pre, self.cfg.k)
         codes = SparseCodes(self.activate(self.gather_preacts(x, pre, indices)), indices)
         step = Step(self, x, sparse_decode(codes, self.W_dec) + self.b_dec, codes, pre, dead_mask)
-        self.add_auxk(step, self.k_aux)
+        self.add_auxk(step)
         if self.cfg.multi_topk:
             wide = self.select(pre, 4 * self.cfg.k)
             wide_codes = SparseCodes(self.activate(self.gather_preacts(x, pre, wide)), wide)

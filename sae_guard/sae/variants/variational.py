@@ -87,7 +87,7 @@ class VariationalSAE(TopKSAE):
         step.extras["kl"] = 0.5 * ((mean / scale).pow(2) + log_var.exp() - 1 - log_var).sum(-1)
         warmup = min(1.0, int(self.tokens_seen) / self.cfg.kl_warmup_tokens) if self.cfg.kl_warmup_tokens else 1.0
         step.extras["kl_warmup"] = x.new_tensor(warmup)
-        self.add_auxk(step, self.k_aux)
+        self.add_auxk(step)
         return step
 
     def loss_terms(self):
