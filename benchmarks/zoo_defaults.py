@@ -12,7 +12,8 @@ the oracle FVU (the planted atoms' own FVU under the same budget: each sample's 
 set's k * n largest for variants whose L0 varies per token; the floor where k is below the true L0), and
 tokens-to-0.9-recovery (recovery checked every `--probe-every` tokens during training; "-" when never
 reached); recovery within bands of the atoms' firing rates (`recovery_by_rate`: rare atoms missed, or common ones);
-on hierarchical data also parents and children recovered apart (`synthetic.hierarchy_recovery`).
+on hierarchical data also parents and children recovered apart (`synthetic.hierarchy_recovery`); for nested
+dictionaries (matryoshka) the FVU of each prefix alone, its latents' share of the same eval-mode codes.
 The generators are `sae_guard.synthetic.GENERATORS`; the held-out settings (`HELD_OUT`, never used to choose
 defaults) come last. Single-threaded (torch.set_num_threads(1)), as the shared CPU needs.
 """
@@ -26,7 +27,7 @@ import time
 import torch
 
 import sae_guard
-from sae_guard.sae.metrics import evaluate
+from sae_guard.sae.metrics import evaluate, fvu
 from sae_guard.synthetic import (GENERATORS, HELD_OUT, Generator, best_cosines, hierarchy_recovery, oracle_fvu,
                                  recovery)
 from sae_guard.train.data import make_stream
@@ -96,8 +97,17 @@ def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, s
     row["recovered_by_rate"] = recovery_by_rate(sae.W_dec.detach(), ds.atoms, coeffs, sae.signed)
     if ds.parents is not None:
         row.update(hierarchy_recovery(sae.W_dec.detach(), ds, signed=sae.signed))
+    if hasattr(sae, "prefix_ends"):
+        row["prefix_fvu"] = prefix_fvus(sae, held_out)
     row["met"] = rec >= 0.9 and figures["fvu"] < 0.15 and (target_l0 is None or figures["l0"] <= 1.5 * target_l0)
     return row
+
+
+@torch.no_grad()
+def prefix_fvus(sae, x: torch.Tensor) -> dict[int, float]:
+    """FVU of each nested prefix alone (a Matryoshka SAE's promise): the eval-mode codes cut to its latents."""
+    codes = sae.encode(x)
+    return {end: round(fvu(x, codes[:, :end] @ sae.W_dec[:end] + sae.b_dec), 4) for end in sae.prefix_ends}
 
 
 RATE_BANDS = (0.0, 0.003, 0.006, 0.012, 0.025, 1.0)  # atom firing rates, for recovery per band
@@ -214,6 +224,9 @@ def main() -> None:
                 print(f"{'':24} parents recovered {row['parents_recovered']:.3f}, children "
                       f"{row['children_recovered']:.3f}; parents' best rows: median cosine {row['parent_cosine']:.3f} "
                       f"with the parent, {row['parent_with_children_cosine']:.3f} with parent + p * children")
+            if "prefix_fvu" in row:
+                print(f"{'':24} FVU of each prefix alone: " + ", ".join(
+                    f"{end} latents {value:.4f}" for end, value in row["prefix_fvu"].items()))
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=2)

@@ -20,7 +20,7 @@ from sae_guard.sae.sparsifiers import (
 from sae_guard.sae.variants.abstopk import AbsTopKSAE
 from sae_guard.sae.variants.matryoshka import inner_prefix_fvu
 from sae_guard.sae.variants.mutual_choice import aux_zipf_loss
-from sae_guard.synthetic import planted
+from sae_guard.synthetic import hierarchy_recovery, planted, planted_hierarchical
 
 D_IN, D_SAE, K, BATCH = 16, 64, 3, 256
 BATCH_LEVEL = ["batchtopk", "mutual_choice", "feature_choice", "matryoshka:batch", "abstopk:batch"]
@@ -349,11 +349,37 @@ def test_matryoshka_groups_and_nested_losses():
     dense = step.codes.to_dense(D_SAE)
     for end, recon in zip(sae.prefix_ends, step.extras["prefix_recons"]):
         torch.testing.assert_close(recon, dense[:, :end] @ sae.W_dec[:end] + sae.b_dec, atol=1e-5, rtol=1e-5)
+    ratio = sae.cfg.prefix_weight_ratio
+    weights = torch.tensor([ratio**4, ratio**3, ratio**2, ratio, 1.0])
+    weights = (weights / weights.sum()).tolist()
     terms = sae.loss_terms()
-    assert terms["fvu"][0] == pytest.approx(1 / 5)
-    weighted = sum(w * ((x - r).pow(2).sum(-1).mean()) for w, r in zip([0.2] * 4, step.extras["prefix_recons"]))
+    assert terms["fvu"][0] == pytest.approx(weights[-1])
+    weighted = sum(w * ((x - r).pow(2).sum(-1).mean()) for w, r in zip(weights, step.extras["prefix_recons"]))
     weighted = weighted / (x - x.mean(0)).pow(2).sum(-1).mean()
     torch.testing.assert_close(inner_prefix_fvu(step), weighted)
+
+
+def test_matryoshka_uniform_weights_and_explicit_weights():
+    uniform = SAE.create("matryoshka", d_in=4, d_sae=8, k=2, group_sizes=[4, 4], prefix_weight_ratio=1.0)
+    assert uniform.prefix_weights() == [0.5, 0.5]
+    explicit = SAE.create("matryoshka", d_in=4, d_sae=8, k=2, group_sizes=[4, 4], group_weights=[3.0, 1.0])
+    assert explicit.prefix_weights() == [0.75, 0.25]
+    with pytest.raises(ValueError, match="prefix_weight_ratio"):
+        SAE.create("matryoshka", d_in=4, d_sae=8, k=2, prefix_weight_ratio=0.0)
+
+
+def test_matryoshka_parents_do_not_hedge_their_children_by_default():
+    """With every prefix weighted alike, an early latent that holds a parent but not its children also carries
+    their expected share (feature hedging); the default's lighter inner prefixes leave it the parent alone."""
+    ds = planted_hierarchical(d=32, n_parents=16, children_per_parent=3, active=3.0, seed=3, batch_size=1024)
+    cosines = {}
+    for ratio in (1.0, None):
+        torch.manual_seed(0)
+        sae = SAE.create("matryoshka", d_in=32, d_sae=128, k=4,
+                         **({} if ratio is None else {"prefix_weight_ratio": ratio}))
+        sae, _ = sae_guard.train(sae, ds, tokens=1024 * 300, batch_size=1024, progress=False)
+        cosines[ratio] = hierarchy_recovery(sae.W_dec.detach(), ds)["parent_cosine"]
+    assert cosines[1.0] < 0.9 and cosines[None] > 0.95, cosines
 
 
 def test_matryoshka_rejects_groups_that_do_not_cover_the_dictionary():

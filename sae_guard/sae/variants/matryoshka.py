@@ -16,16 +16,21 @@ wide_magnitudes 0.451 / 0.178 -> 0.918 / 0.073, base 0.992 / 0.115 -> 0.998 / 0.
 and inferring by the batch rule's threshold does not work either (wide_magnitudes: FVU 0.419): the
 threshold gives heavy inputs the budget the training never gave them.
 
-On hierarchical data (children firing only with their parent) neither selection recovers the parents
-(0.60 / 0.67 of all atoms): a prefix that holds a parent but not its children reconstructs best when the
-parent's latent also carries its children's expected share, and it does (median cosine 0.85 with the
-planted parent, 0.98 with parent + 0.4 x its children, the children's firing rate). That is the objective
-working as designed, not slow training; recovery of the planted atoms understates such a dictionary.
+Default prefix weights: geometric, each prefix `prefix_weight_ratio` = 0.25 times the weight of the next
+larger one, the balance of Chanin, Dulka, Garriga-Alonso 2025 ("Feature Hedging: Correlated Features Break
+Narrow Sparse Autoencoders", arXiv 2505.11756), not the paper's uniform weights. A prefix that holds a parent
+feature but not its children reconstructs best when the parent's latent also carries the children's expected
+share ("hedging"); with every prefix weighted alike the dictionary learns exactly that, and the parents' latents
+point at parent + its children's share. Lighter inner prefixes let the whole dictionary's loss pull that share
+back out. Planted hierarchical data (`benchmarks/zoo_defaults.py`, 3M tokens), ratio 1 / 0.75 / 0.5 / 0.4 /
+0.25: atoms recovered 0.682 / 0.709 / 0.803 / 0.818 / 0.947, the parents' best latents at median cosine 0.860
+(ratio 1) and 0.993 (0.25) with the planted parent. The price is the inner prefixes' own reconstruction: the first
+64 of 1024 latents alone leave FVU 0.85-0.87 where uniform weights left 0.59-0.71 (model_cards/sae-zoo.md,
+"Matryoshka: lighter inner prefixes"). `prefix_weight_ratio=1.0` gives the paper's weights back.
 
 Choices: group sizes default to the paper's fractions [1/16, 1/16, 1/8, 1/4, 1/2] of d_sae (the last
-group takes the rounding remainder) and are stored as integers; weights default to uniform. The
-b_dec-only "prefix 0" term of Bussmann's code is left out: it only trains b_dec, which b_dec's geometric
-median initialisation already places.
+group takes the rounding remainder) and are stored as integers. The b_dec-only "prefix 0" term of Bussmann's
+code is left out: it only trains b_dec, which b_dec's geometric median initialisation already places.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ DEFAULT_FRACTIONS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 @dataclass
 class MatryoshkaConfig(BatchTopKConfig):
     group_sizes: list[int] | None = None  # latents per nested group; None -> DEFAULT_FRACTIONS of d_sae
-    group_weights: list[float] | None = None  # training: loss weight per prefix; None -> uniform
+    group_weights: list[float] | None = None  # training: loss weight per prefix; None -> by prefix_weight_ratio
+    prefix_weight_ratio: float = 0.25  # training: a prefix's loss weight over the next larger one's; 1.0 -> uniform
     selection: str = "token"  # "token": top k per token; "batch": the paper's BatchTopK (see the module docstring)
 
     def __post_init__(self) -> None:
@@ -67,6 +73,8 @@ class MatryoshkaConfig(BatchTopKConfig):
                 )
             if sum(self.group_weights) <= 0:
                 raise ValueError("group_weights must not all be zero")
+        if not self.prefix_weight_ratio > 0:
+            raise ValueError(f"prefix_weight_ratio must be > 0, got {self.prefix_weight_ratio}")
 
 
 def inner_prefix_fvu(step: Step) -> Tensor:
@@ -91,7 +99,10 @@ class MatryoshkaSAE(BatchTopKSAE):
         return ends
 
     def prefix_weights(self) -> list[float]:
-        weights = self.cfg.group_weights or [1.0] * len(self.cfg.group_sizes)
+        """Loss weight of each prefix, summing to 1: `group_weights`, or the whole dictionary's weight times
+        `prefix_weight_ratio` once per group it lacks."""
+        n = len(self.cfg.group_sizes)
+        weights = self.cfg.group_weights or [self.cfg.prefix_weight_ratio ** (n - 1 - i) for i in range(n)]
         return [w / sum(weights) for w in weights]
 
     def training_forward(self, x: Tensor, dead_mask: Tensor | None = None) -> Step:
