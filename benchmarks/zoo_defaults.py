@@ -3,6 +3,7 @@
     python benchmarks/zoo_defaults.py                                   # every generator, then the held-out ones
     python benchmarks/zoo_defaults.py --generators issue17 --arch topk batchtopk --json zoo.json
     python benchmarks/zoo_defaults.py --generators small base --encoder-floor 12e6   # the FVU an encoder reaches
+    python benchmarks/zoo_defaults.py --generators base --arch gba --lr 4.8e-3        # a learning rate of your own
 
 Each variant gets d_sae=1024, k = the generator's true L0 plus its offset (within +-2; JumpReLU, and ReLU and Gated
 when named with --arch: target_l0 = k; GBA: its own default sparsity) and otherwise its defaults. Per variant and
@@ -72,7 +73,7 @@ def evaluation_sample(gen: Generator, ds) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, seed: int = 0,
-        overrides: dict | None = None) -> dict:
+        overrides: dict | None = None, lr: float | None = None) -> dict:
     ds = gen.dataset()
     k = gen.k(ds)
     torch.manual_seed(seed)
@@ -80,7 +81,7 @@ def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, s
     batch_size = 4096
     probe = RecoveryProbe(gen.training_data(ds), sae, ds.atoms, batch_size, seed, max(1, probe_tokens // batch_size))
     start = time.perf_counter()
-    sae, _ = sae_guard.train(sae, probe, tokens=tokens, batch_size=batch_size, progress=False, seed=seed)
+    sae, _ = sae_guard.train(sae, probe, tokens=tokens, batch_size=batch_size, progress=False, seed=seed, lr=lr)
     seconds = time.perf_counter() - start
     sae.eval()
     held_out, coeffs = evaluation_sample(gen, ds)
@@ -177,6 +178,7 @@ def main() -> None:
     parser.add_argument("--generators", nargs="*", default=names, choices=names)
     parser.add_argument("--tokens", type=float, default=None, help="override every variant's budget (3M; 6M for jumprelu, gba)")
     parser.add_argument("--d-sae", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: each variant's default_lr)")
     parser.add_argument("--probe-every", type=float, default=2.5e5, help="tokens between recovery checks")
     parser.add_argument("--seed", type=int, default=0, help="the SAE's initialisation and the data stream's order")
     parser.add_argument("--json", help="also write the rows to this file")
@@ -211,8 +213,9 @@ def main() -> None:
         held = " (held out)" if gen in HELD_OUT else ""
         for arch in args.arch:
             tokens = int(args.tokens or BUDGET.get(arch, DEFAULT_BUDGET))
-            row = run(arch, gen, tokens, args.d_sae, int(args.probe_every), seed=args.seed, overrides=overrides)
-            row["held_out"], row["overrides"] = bool(held), overrides
+            row = run(arch, gen, tokens, args.d_sae, int(args.probe_every), seed=args.seed, overrides=overrides,
+                      lr=args.lr)
+            row["held_out"], row["overrides"], row["lr"] = bool(held), overrides, args.lr
             rows.append(row)
             reached = f"{row['tokens_to_0.9'] / 1e6:.2f}M" if row["tokens_to_0.9"] else "-"
             print(f"{gen.name + held:24} {arch:15} {row['k']:3d} {row['true_l0']:5.2f} {row['recovered']:9.3f} "
