@@ -107,8 +107,8 @@ def run(arch: str, gen: Generator, tokens: int, d_sae: int, probe_tokens: int, s
 @torch.no_grad()
 def prefix_fvus(sae, x: torch.Tensor) -> dict[int, float]:
     """FVU of each nested prefix alone (a Matryoshka SAE's promise): the eval-mode codes cut to its latents."""
-    codes = sae.encode(x)
-    return {end: round(fvu(x, codes[:, :end] @ sae.W_dec[:end] + sae.b_dec), 4) for end in sae.prefix_ends}
+    recons = sae.prefix_reconstructions(sae.encode(x))
+    return {end: round(fvu(x, recon), 4) for end, recon in zip(sae.prefix_ends, recons)}
 
 
 RATE_BANDS = (0.0, 0.003, 0.006, 0.012, 0.025, 1.0)  # atom firing rates, for recovery per band

@@ -112,14 +112,18 @@ class MatryoshkaSAE(BatchTopKSAE):
         (and its backward) per prefix.
         """
         step = super().training_forward(x, dead_mask)
-        dense = step.codes.to_dense(self.d_sae)
+        step.extras["prefix_recons"] = self.prefix_reconstructions(step.codes.to_dense(self.d_sae),
+                                                                   self.prefix_ends[:-1])
+        return step
+
+    def prefix_reconstructions(self, dense: Tensor, ends: list[int] | None = None) -> list[Tensor]:
+        """Each prefix's reconstruction from dense codes, built group by group (every prefix by default)."""
         partial, start, recons = self.b_dec, 0, []
-        for end in self.prefix_ends[:-1]:
+        for end in self.prefix_ends if ends is None else ends:
             partial = partial + dense[:, start:end] @ self.W_dec[start:end]
             recons.append(partial)
             start = end
-        step.extras["prefix_recons"] = recons
-        return step
+        return recons
 
     def loss_terms(self):
         return {
