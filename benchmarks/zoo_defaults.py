@@ -2,7 +2,7 @@
 
     python benchmarks/zoo_defaults.py                                   # every generator, then the held-out ones
     python benchmarks/zoo_defaults.py --generators issue17 --arch topk batchtopk --json zoo.json
-    python benchmarks/zoo_defaults.py --generators small base --encoder-floor 12e6   # the FVU an encoder reaches
+    python benchmarks/zoo_defaults.py --generators small base --encoder-floor 12e6   # SAEs started at the atoms
     python benchmarks/zoo_defaults.py --generators base --arch gba --lr 4.8e-3        # a learning rate of your own
 
 Each variant gets d_sae=1024, k = the generator's true L0 plus its offset (within +-2; JumpReLU, and ReLU and Gated
@@ -142,19 +142,21 @@ def print_oracles(generators: list[Generator]) -> None:
 FLOOR_ARCHS = ("topk", "batchtopk")  # a per-token and a batch-level budget
 
 
-def encoder_floor(gen: Generator, tokens: int, arch: str = "topk") -> float:
-    """FVU of an SAE that starts at the answer: one latent per planted atom, encoder and decoder rows the atoms, then
-    trained for `tokens` with the generator's k. The oracle FVU keeps the true coefficients, which no encoder reads
-    off exactly where atoms overlap; this is what an encoder with the same budget reaches from the best start."""
+def encoder_floor(gen: Generator, tokens: int, arch: str = "topk") -> tuple[float, float]:
+    """FVU and recovery of an SAE that starts at the answer: one latent per planted atom, encoder and decoder rows the
+    atoms, then trained for `tokens` with the generator's k. The oracle FVU keeps the true coefficients, which no
+    encoder reads off exactly where atoms overlap; this is what an encoder with the same budget reaches from the best
+    start, and whether the variant's own objective keeps the atoms (recovery) once it has them."""
     ds = gen.dataset()
     torch.manual_seed(0)
-    sae = sae_guard.SAE.create(arch, d_in=ds.d, d_sae=ds.n_atoms, k=gen.k(ds))
+    sae = sae_guard.SAE.create(arch, d_in=ds.d, d_sae=ds.n_atoms, **sparsity_args(arch, gen.k(ds)))
     with torch.no_grad():
         sae.W_dec.copy_(ds.atoms)
         sae.W_enc.copy_(ds.atoms)
         sae.b_enc.zero_()
     sae, _ = sae_guard.train(sae, gen.training_data(ds), tokens=tokens, batch_size=4096, progress=False)
-    return evaluate(sae.eval(), evaluation_sample(gen, ds)[0])["fvu"]
+    fvu_from_atoms = evaluate(sae.eval(), evaluation_sample(gen, ds)[0])["fvu"]
+    return fvu_from_atoms, recovery(sae.W_dec.detach(), ds.atoms, signed=sae.signed)
 
 
 def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict:
@@ -174,7 +176,9 @@ def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = [g.name for g in GENERATORS + HELD_OUT]
-    parser.add_argument("--arch", nargs="*", default=VARIANTS)
+    parser.add_argument("--arch", nargs="*", default=None,
+                        help=f"variants to train (default: {' '.join(VARIANTS)}; with --encoder-floor: "
+                             f"{' '.join(FLOOR_ARCHS)})")
     parser.add_argument("--generators", nargs="*", default=names, choices=names)
     parser.add_argument("--tokens", type=float, default=None, help="override every variant's budget (3M; 6M for jumprelu, gba)")
     parser.add_argument("--d-sae", type=int, default=1024)
@@ -188,9 +192,11 @@ def main() -> None:
     parser.add_argument("--oracle-only", action="store_true",
                         help="print each generator's oracle FVU at k = true L0 -2..+2 (per token / set), then stop")
     parser.add_argument("--encoder-floor", type=float, metavar="TOKENS",
-                        help="print each generator's oracle FVU beside the FVU of TopK and BatchTopK SAEs started at "
-                             "the planted atoms and trained this many tokens (`encoder_floor`), then stop")
+                        help="print each generator's oracle FVU beside the FVU and recovery of SAEs (--arch; TopK and "
+                             "BatchTopK by default) started at the planted atoms and trained this many tokens "
+                             "(`encoder_floor`), then stop")
     args = parser.parse_args()
+    args.arch = args.arch or list(FLOOR_ARCHS if args.encoder_floor else VARIANTS)
     torch.set_num_threads(1)
     order = [g for g in GENERATORS + HELD_OUT if g.name in args.generators]
     overrides = parse_overrides(parser, args.overrides)
@@ -198,13 +204,13 @@ def main() -> None:
         print_oracles(order)
         return
     if args.encoder_floor:
-        print(f"{'generator':24} {'k':>3} {'oracle':>7}  FVU from the atoms: " + ", ".join(FLOOR_ARCHS))
+        print(f"{'generator':24} {'k':>3} {'oracle':>7}  FVU / recovered from the atoms: " + ", ".join(args.arch))
         for gen in order:
             ds = gen.dataset()
             x, coeffs = evaluation_sample(gen, ds)
-            floors = [encoder_floor(gen, int(args.encoder_floor), arch) for arch in FLOOR_ARCHS]
+            floors = [encoder_floor(gen, int(args.encoder_floor), arch) for arch in args.arch]
             print(f"{gen.name:24} {gen.k(ds):3d} {oracle_fvu(x, coeffs, ds.atoms, gen.k(ds)):7.4f}  "
-                  + "  ".join(f"{f:.4f}" for f in floors), flush=True)
+                  + "  ".join(f"{f:.4f} / {r:.3f}" for f, r in floors), flush=True)
         return
     rows = []
     print(f"{'generator':24} {'arch':15} {'k':>3} {'true':>5} {'recovered':>9} {'fvu':>7} {'oracle':>7} {'l0':>6} "
