@@ -142,14 +142,16 @@ def print_oracles(generators: list[Generator]) -> None:
 FLOOR_ARCHS = ("topk", "batchtopk")  # a per-token and a batch-level budget
 
 
-def encoder_floor(gen: Generator, tokens: int, arch: str = "topk") -> tuple[float, float]:
+def encoder_floor(gen: Generator, tokens: int, arch: str = "topk",
+                  overrides: dict | None = None) -> tuple[float, float]:
     """FVU and recovery of an SAE that starts at the answer: one latent per planted atom, encoder and decoder rows the
     atoms, then trained for `tokens` with the generator's k. The oracle FVU keeps the true coefficients, which no
     encoder reads off exactly where atoms overlap; this is what an encoder with the same budget reaches from the best
     start, and whether the variant's own objective keeps the atoms (recovery) once it has them."""
     ds = gen.dataset()
     torch.manual_seed(0)
-    sae = sae_guard.SAE.create(arch, d_in=ds.d, d_sae=ds.n_atoms, **sparsity_args(arch, gen.k(ds)))
+    config = {**sparsity_args(arch, gen.k(ds)), **(overrides or {})}
+    sae = sae_guard.SAE.create(arch, d_in=ds.d, d_sae=ds.n_atoms, **config)
     with torch.no_grad():
         sae.W_dec.copy_(ds.atoms)
         sae.W_enc.copy_(ds.atoms)
@@ -180,7 +182,8 @@ def main() -> None:
                         help=f"variants to train (default: {' '.join(VARIANTS)}; with --encoder-floor: "
                              f"{' '.join(FLOOR_ARCHS)})")
     parser.add_argument("--generators", nargs="*", default=names, choices=names)
-    parser.add_argument("--tokens", type=float, default=None, help="override every variant's budget (3M; 6M for jumprelu, gba)")
+    parser.add_argument("--tokens", type=float, default=None,
+                        help="override every variant's budget (3M; 6M for jumprelu, gba)")
     parser.add_argument("--d-sae", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: each variant's default_lr)")
     parser.add_argument("--probe-every", type=float, default=2.5e5, help="tokens between recovery checks")
@@ -208,7 +211,7 @@ def main() -> None:
         for gen in order:
             ds = gen.dataset()
             x, coeffs = evaluation_sample(gen, ds)
-            floors = [encoder_floor(gen, int(args.encoder_floor), arch) for arch in args.arch]
+            floors = [encoder_floor(gen, int(args.encoder_floor), arch, overrides) for arch in args.arch]
             print(f"{gen.name:24} {gen.k(ds):3d} {oracle_fvu(x, coeffs, ds.atoms, gen.k(ds)):7.4f}  "
                   + "  ".join(f"{f:.4f} / {r:.3f}" for f, r in floors), flush=True)
         return
