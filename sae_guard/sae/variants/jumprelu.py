@@ -22,19 +22,21 @@ Choices the paper leaves open, and why:
 - Dead latents: AuxK as TopK's, and a dead latent's θ drops to fire on its best token of the batch, since θ above
   every pre-activation gets no gradient from the kernel (`_revive`).
 - θ's gradient from the latents within ε/2 below it, which write nothing, needs g . W_dec[j] for each of them, a
-  product as large as the encoder's at the default ε. It is read on `window_tokens` tokens of each batch (every s-th,
-  from an offset that turns each step) and scaled up: an unbiased estimate, a quarter of the work at batch 4,096.
+  product as large as the encoder's at the default ε. It is read on `window_tokens` (256) tokens of each batch (every
+  s-th, from an offset that turns each step) and scaled up: an unbiased estimate, a sixteenth of the work at batch
+  4,096. Recovery on the zoo's generators was the same at 256 as at 1,024 and the step came back to the paper-width
+  step's time before this work (model_cards/sae-zoo.md, "JumpReLU's window on 256 tokens").
 
-Budget: 6M tokens, twice TopK's 3M: on six of the benchmark's seven training generators it passes 0.9 recovery
-at 1.75-3.75M tokens, and on held-out wide_replayed_coherent at 3.5M (`small`'s FVU, 0.152, misses the target by a
+Budget: 6M tokens, twice TopK's 3M: on six of the benchmark's seven training generators it passes 0.9 recovery at
+1.50-3.50M tokens, and on held-out wide_replayed_coherent at 3.25M (`small`'s FVU, 0.154, misses the target by a
 hair, as every variant's does there). It does not hold on every data. Held-out issue17 (a replayed set, Zipf 0.9,
-k 8 for ~6 active) needs 12M: 0.781 in 6M, 0.9 at 12.0M and 0.961 in 18M with the whole window. wide_magnitudes
-(log-normal sigma 1.0) has no budget: 0.461 in 6M, 0.609 in 18M, and started at the planted atoms it keeps 0.855 of
-them in 6M and 0.762 in 18M (0.635 at the paper's ε; TopK keeps 1.000): on data whose magnitudes spread that
+k 8 for ~6 active) needs 12M: 0.760 in 6M, 0.9 at 12.0M and 0.961 in 18M with the whole window. wide_magnitudes
+(log-normal sigma 1.0) has no budget: 0.477 in 6M, 0.609 in 18M, and started at the planted atoms it keeps 0.855
+of them in 6M and 0.762 in 18M (0.635 at the paper's ε; TopK keeps 1.000): on data whose magnitudes spread that
 widely, training with one threshold per latent moves off the atoms. TopK recovers 0.998-1.000 on both in 3M, so
-prefer TopK or BatchTopK where the number of tokens is fixed or magnitudes spread widely. Even sampled, the wide kernel's window makes a step
-1.3-1.6x TopK's (384 -> 12,288, batch 4,096: 1.06-1.12 s against 0.70-0.80 s; 1.50-1.59 s with the whole window;
-model_cards/sae-zoo.md, "JumpReLU's window on a sample of the batch").
+prefer TopK or BatchTopK where the number of tokens is fixed or magnitudes spread widely. Step time (384 ->
+12,288, batch 4,096, 2 threads, one run beside the code before this work): 0.359-0.365 s at the defaults against
+0.350-0.363 s for the paper-width default of before; TopK's 0.274-0.278 s.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class JumpReLUConfig(SAEConfig):
     l0_coef: float = 1e-3  # training: the paper's lambda, used when target_l0 is None
     init_l0: float = 32.0  # training: expected L0 at initialisation when target_l0 is None
     bandwidth: float = 0.2  # training: STE kernel width epsilon, relative to the batch RMS deviation
-    window_tokens: int | None = 1024  # training: tokens per batch sampled for θ's gradient from silent latents
+    window_tokens: int | None = 256  # training: tokens per batch sampled for θ's gradient from silent latents
     threshold_lr_mult: float = 20.0  # training: learning rate of log(threshold) relative to the weights
     k_aux: int | None = None  # training: AuxK latents for dead latents; None -> d_in // 2
     auxk_coef: float = 1 / 32  # training
