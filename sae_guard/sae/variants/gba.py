@@ -43,14 +43,15 @@ Budget: the choices above before AuxK are from `benchmarks/sae_quality.py`'s pla
 planted atoms' seed was salted (the SAE's initial decoder rows were then the atoms themselves), so they measured a
 start at the answer. On the zoo's generators, 6M tokens, it meets recovery >= 0.9 and FVU < 0.15 on five of nine
 (base, steep_zipf, replayed, coherent, held-out wide_replayed_coherent, passing 0.9 at 4.25-5.25M). Longer runs
-(model_cards/sae-zoo.md has the tables): hierarchical passes 0.9 at 6.5M (0.947 in 12M) and held-out issue17 at
-22.7M (0.902 in 24M), so those need 12M and 24M; the misses are rare atoms. No budget is known for small (0.066 in
-6M, L0 16 for 4 true atoms) and wide_magnitudes (0.020 in 12M, nothing learnt). Its latents do not compete for a
-token as TopK's do: each fires on its own top share of tokens, which large instances of other atoms can fill where
-magnitudes spread widely (the likely reason on wide_magnitudes, not a measured one). A wider dictionary does not
-help (at d_sae 2048, before AuxK, 0.236 recovered with L0 26), since each latent keeps its group's target and
-their sum, which bounds L0, grows with the width; scaling every target toward a target L0 was tried and not kept
-(the L0 can be steered down, not up).
+(model_cards/sae-zoo.md has the tables): hierarchical meets it in 12M on two seeds (0.947, 0.943), so it needs
+12M; held-out issue17 reaches 0.902 in 24M on one seed and 0.895 on another, so it needs about 24M and more for a
+margin; the misses are rare atoms. No budget is known for small (0.066 in 6M, L0 16 for 4 true atoms) and
+wide_magnitudes (0.020 in 12M, nothing learnt). Its latents do not compete for a token as TopK's do: each fires on
+its own top share of tokens, which large instances of other atoms can fill where magnitudes spread widely (the
+likely reason on wide_magnitudes, not a measured one). A wider dictionary does not help (at d_sae 2048, before
+AuxK, 0.236 recovered with L0 26), since each latent keeps its group's target and their sum, which bounds L0,
+grows with the width; scaling every target toward a target L0 was tried and not kept (the L0 can be steered down,
+not up).
 """
 
 from __future__ import annotations
