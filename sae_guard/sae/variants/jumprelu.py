@@ -36,7 +36,7 @@ of them in 6M and 0.762 in 18M (0.635 at the paper's ε; TopK keeps 1.000): on d
 widely, training with one threshold per latent moves off the atoms. TopK recovers 0.998-1.000 on both in 3M, so
 prefer TopK or BatchTopK where the number of tokens is fixed or magnitudes spread widely. Step time (384 ->
 12,288, batch 4,096, 2 threads, one run beside the code before this work): 0.359-0.365 s at the defaults against
-0.350-0.363 s for the paper-width default of before; TopK's 0.274-0.278 s.
+0.350-0.365 s for the paper-width default of before; TopK's 0.274-0.278 s.
 """
 
 from __future__ import annotations
